@@ -1,0 +1,83 @@
+# The user's surface. Every target depends on `setup`, so a fresh clone needs nothing else.
+# Stage targets are file targets on their export manifest: `make unet` builds only what is
+# missing upstream, and re-running an interrupted target resumes it from its checkpoint.
+
+PRESET ?= tiny
+RUNS   ?= runs
+DATA_ROOT ?= data
+ifeq ($(PRESET),tiny)
+DATA   ?= $(DATA_ROOT)/emoji-32
+else
+DATA   ?= $(DATA_ROOT)/emoji-512
+endif
+PROMPT ?= a red apple; flat colour emoji
+CFG    ?= 5.0
+STEPS  ?= 20
+SEED   ?= 42
+OUT    ?= out.png
+PORT   ?= 8000
+ARGS   ?=
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXPORT  = $(RUNS)/$(PRESET)/$(1)/export/manifest.json
+
+.PHONY: setup data vae clip unet all sample serve demo test lint format bench clean-runs
+
+setup: $(STAMP)
+
+# The registry's default torch build (runs on CPU and GPUs); an empty PIP_FIND_LINKS keeps a
+# CPU-only wheel lying on the machine out, since torchvision will not import against it.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	PIP_FIND_LINKS= $(PY) -m pip install --disable-pip-version-check -q -e '.[dev,serve]'
+	touch $@
+
+data: $(DATA_ROOT)/emoji-32/train/manifest.json
+
+$(DATA_ROOT)/emoji-32/train/manifest.json: | $(STAMP)
+	$(PY) -m preprocess emoji --out $(DATA_ROOT) --resolutions 512 32
+
+vae: $(call EXPORT,vae)
+clip: $(call EXPORT,clip)
+unet: $(call EXPORT,unet)
+all: unet
+
+$(call EXPORT,vae): | $(STAMP) $(DATA)/train/manifest.json
+	$(PY) -m stages.vae --preset $(PRESET) --data $(DATA) --runs $(RUNS) $(ARGS)
+
+$(call EXPORT,clip): $(call EXPORT,vae) | $(STAMP)
+	$(PY) -m stages.clip --preset $(PRESET) --data $(DATA) --runs $(RUNS) $(ARGS)
+
+$(call EXPORT,unet): $(call EXPORT,vae) $(call EXPORT,clip) | $(STAMP)
+	$(PY) -m stages.unet --preset $(PRESET) --data $(DATA) --runs $(RUNS) $(ARGS)
+
+$(DATA_ROOT)/emoji-512/train/manifest.json: $(DATA_ROOT)/emoji-32/train/manifest.json
+
+sample: $(call EXPORT,unet) | $(STAMP)
+	$(PY) -m pipeline generate "$(PROMPT)" --preset $(PRESET) --runs $(RUNS) \
+		--cfg-scale $(CFG) --steps $(STEPS) --seed $(SEED) --out $(OUT)
+
+serve: $(call EXPORT,unet) | $(STAMP)
+	$(PY) -m pipeline serve --preset $(PRESET) --runs $(RUNS) --port $(PORT)
+
+demo: $(call EXPORT,unet) | $(STAMP)
+	$(PY) -m pipeline demo --preset $(PRESET) --runs $(RUNS) --out $(RUNS)/$(PRESET)/demo.png
+
+lint: | $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: | $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint | $(STAMP)
+	$(PY) -m pytest -q
+
+bench: | $(STAMP)
+	$(PY) -m bench
+
+clean-runs:
+	rm -rf $(RUNS)/$(PRESET)

@@ -1,0 +1,134 @@
+"""Export folders: what one stage hands to the next and to the pipeline.
+
+``<run>/export/`` holds ``model.safetensors`` (EMA weights where the stage has EMA),
+``config.json`` (the resolved config), any extra files of the stage (``tokenizer.json``,
+``null_condition.safetensors``) and ``manifest.json``, written last: the stage name, the
+sha256 of every file, what the next stage needs, and the hashes of the upstream exports
+it was trained against. The folder is built under a temporary name and renamed into
+place, so a half-written export never exists. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from .config import to_dict
+from .shards import sha256_file, write_json_atomic
+
+EXPORT_FORMAT = "minisd-export/1"
+WEIGHTS = "model.safetensors"
+
+
+class ExportError(ValueError):
+    """An export folder is missing, incomplete, corrupt, of the wrong stage or mismatched."""
+
+
+def write_export(
+    folder: Path,
+    stage: str,
+    weights: Mapping[str, torch.Tensor],
+    config: Any,
+    info: Mapping[str, Any] | None = None,
+    upstream: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, Path] | None = None,
+    extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> str:
+    """Write an export atomically; returns its hash (the sha256 of ``model.safetensors``).
+
+    ``info`` is what the next stage needs (latent statistics, widths, ...); ``upstream``
+    maps upstream stage names to their export hashes; ``extra_files`` are copied in and
+    ``extra_tensors`` saved as ``<name>`` safetensors files.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    save_file(tensors, str(tmp / WEIGHTS))
+    (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+    for name, group in (extra_tensors or {}).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp / name))
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    manifest = {
+        "format": EXPORT_FORMAT,
+        "stage": stage,
+        "hash": files[WEIGHTS],
+        "files": files,
+        "info": dict(info or {}),
+        "upstream": dict(upstream or {}),
+    }
+    write_json_atomic(tmp / "manifest.json", manifest)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    return manifest["hash"]
+
+
+def read_export(folder: Path, stage: str, verify: bool = True) -> dict[str, Any]:
+    """Read and check an export's manifest (stage, and every file's sha256 if ``verify``)."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.exists():
+        raise ExportError(
+            f"{folder} is not a {stage} export (no manifest.json): train it with `make {stage}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path} is not valid JSON: {err}") from err
+    if manifest.get("format") != EXPORT_FORMAT or manifest.get("stage") != stage:
+        raise ExportError(
+            f"{folder} is not a {stage} export (format {manifest.get('format')!r}, "
+            f"stage {manifest.get('stage')!r})"
+        )
+    if verify:
+        for name, digest in manifest["files"].items():
+            file = folder / name
+            if not file.exists():
+                raise ExportError(f"{folder}: {name} is missing")
+            if sha256_file(file) != digest:
+                raise ExportError(f"{folder}: {name} does not match its sha256 (corrupt export)")
+    return manifest
+
+
+def load_tensors(folder: Path, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
+    """Load a safetensors file of an export; anything else is refused, never unpickled."""
+    path = Path(folder) / name
+    try:
+        return load_file(str(path))
+    except (SafetensorsError, OSError, ValueError) as err:
+        raise ExportError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def check_upstream(manifest: Mapping[str, Any], name: str, actual_hash: str, folder: Path) -> None:
+    """Refuse a downstream export trained against a different upstream export."""
+    recorded = manifest.get("upstream", {}).get(name)
+    if recorded != actual_hash:
+        raise ExportError(
+            f"{manifest.get('stage')} export was trained against {name} export {recorded}, "
+            f"but {folder} holds {name} export {actual_hash}: retrain with "
+            f"`make {manifest.get('stage')}` or point at the matching {name} export"
+        )

@@ -1,0 +1,118 @@
+"""The shard manifest: the contract between preprocessing and every reader.
+
+A split folder (``data/<name>/train/``) holds immutable webdataset tars named
+``shard-NNNNNN.tar`` in the img2dataset layout (``{key}.png|jpg|webp``, ``{key}.txt``,
+``{key}.json``) and a ``manifest.json`` written last, atomically, listing every shard
+with its sample count and sha256, plus resolution, source, licence and attribution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_FORMAT = "minisd-shards/1"
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
+class ManifestError(ValueError):
+    """A shard folder has no manifest, a malformed one, or shards that do not match it."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # file name inside the split folder
+    samples: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    split: str
+    resolution: int  # square side in pixels of every stored image
+    shards: tuple[ShardInfo, ...]
+    source: str = ""
+    licence: str = ""
+    attribution: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. skip counts per reason
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shards"] = [asdict(s) for s in self.shards]
+        return {"format": MANIFEST_FORMAT, "num_samples": self.num_samples, **out}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary name, fsync, rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(folder: Path, manifest: ShardManifest) -> Path:
+    path = Path(folder) / "manifest.json"
+    write_json_atomic(path, manifest.to_json())
+    return path
+
+
+def read_manifest(folder: Path, verify: bool = False) -> ShardManifest:
+    """Read ``folder/manifest.json``; with ``verify`` also check every shard's sha256."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.exists():
+        raise ManifestError(
+            f"{folder} has no manifest.json: build shards with `python -m preprocess` "
+            "(or `make data`) first"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{path}: format {raw.get('format')!r} is not {MANIFEST_FORMAT}")
+        shards = tuple(ShardInfo(**s) for s in raw["shards"])
+        manifest = ShardManifest(
+            split=raw["split"],
+            resolution=int(raw["resolution"]),
+            shards=shards,
+            source=raw.get("source", ""),
+            licence=raw.get("licence", ""),
+            attribution=raw.get("attribution", ""),
+            extra=raw.get("extra", {}),
+        )
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path} is malformed: {err}") from err
+    for shard in manifest.shards:
+        shard_path = folder / shard.name
+        if not shard_path.exists():
+            raise ManifestError(f"{path} lists {shard.name}, which is missing")
+        if verify and sha256_file(shard_path) != shard.sha256:
+            raise ManifestError(f"{shard_path} does not match its sha256 in {path}")
+    return manifest
+
+
+def manifest_digest(folder: Path) -> str:
+    """A short identity of a split's content (its shards' hashes), for cache keys."""
+    manifest = read_manifest(folder)
+    digest = hashlib.sha256()
+    for shard in manifest.shards:
+        digest.update(f"{shard.name}:{shard.samples}:{shard.sha256}\n".encode())
+    return digest.hexdigest()
