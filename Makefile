@@ -73,7 +73,19 @@ format: | $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint | $(STAMP)
+# The web page is tested in a real headless Chromium: Debian's package, installed once.
+BROWSER_STAMP := $(VENV)/.chromium
+$(BROWSER_STAMP): | $(STAMP)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else \
+			echo "the web page test needs Chromium: sudo apt-get install chromium chromium-driver"; exit 1; \
+		fi; \
+	fi
+	touch $@
+
+test: lint | $(STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest -q
 
 bench: | $(STAMP)

@@ -1,13 +1,360 @@
-"""Atomic, verified training checkpoints with rotation and a mirror (to be completed)."""
+"""Atomic, verified training checkpoints with rotation, a mirror, and fallback on corruption.
+
+A checkpoint is a folder ``checkpoints/step_XXXXXXX/`` of *trees*: nested dicts/lists of
+JSON values and tensors (a module's state_dict, the optimizer's, RNG states, a loader
+cursor). Each tree ``<stem>`` is stored as ``<stem>.json`` (the structure, tensors replaced
+by ``{"__tensor__": name}``) and ``<stem>.safetensors`` (the tensors): nothing is pickled,
+nothing is unpickled. Writing goes to ``.step_XXXXXXX.tmp/``, every file is fsynced, then
+``manifest.json`` (every file's sha256) is written last, the folder is renamed into place
+and the parent directory fsynced. A folder without a valid manifest is never trusted.
+
+Only after a commit are old checkpoints deleted: the last ``keep_last``, the best by the
+stage's validation metric and the final one are kept. An optional mirror folder (a mounted
+Drive) receives a verified copy of each commit (copy to a temporary folder, re-read and
+check every sha256, rename) with the same rotation. ``latest()`` returns the newest valid
+checkpoint of the local folder and the mirror; an unusable newer one (manifest missing,
+sha256 mismatch, unreadable safetensors) is skipped with a warning.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .shards import sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "minisd-checkpoint/1"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^(?:\.)?step_(\d{7,})(?:\.replaced)?$")
+_STEM = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 500
-    every_minutes: float = 10.0  # wall-clock saves: a Colab runtime dies without a signal
-    keep_last: int = 2  # plus the best by validation metric and the final one
-    mirror: str = ""  # a folder (e.g. a mounted Drive) that receives a verified copy
+    every_steps: int = 500  # 0 disables step-based saves
+    every_minutes: float = 10.0  # wall-clock saves (a Colab runtime dies without a signal); 0 off
+    keep_last: int = 2  # plus the best by validation metric and the final one (at least 1)
+    mirror: str = ""  # e.g. a mounted Drive: <mirror>/<preset>/<stage>/checkpoints/ gets copies
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete or corrupt, or none of the existing ones is usable."""
+
+
+# --- trees: nested JSON values and tensors, split into JSON + safetensors -------------------
+
+_MARKERS = ("__tensor__", "__tuple__", "__dict__")
+
+
+def split_tree(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``tree`` -> (JSON-able skeleton, {name: CPU tensor}). Tuples, non-string dict keys and
+    shared tensors survive; anything that is neither JSON nor a tensor is refused."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = path or "tensor"
+            while name in tensors:  # "a.b" and ("a", "b") would collide
+                name += "~"
+            tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+            return {"__tensor__": name}
+        if isinstance(value, Mapping):
+            items = list(value.items())
+            if all(isinstance(k, str) and k not in _MARKERS for k, _ in items):
+                return {k: walk(v, f"{path}.{k}" if path else k) for k, v in items}
+            return {"__dict__": [[walk(k, path), walk(v, f"{path}.{k}")] for k, v in items]}
+        if isinstance(value, tuple):
+            return {"__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(value)]
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        raise TypeError(f"cannot store {type(value).__name__} at '{path}' in a checkpoint")
+
+    return walk(tree, ""), tensors
+
+
+def join_tree(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of ``split_tree``."""
+    if isinstance(skeleton, list):
+        return [join_tree(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__tensor__"}:
+            return tensors[skeleton["__tensor__"]]
+        if set(skeleton) == {"__tuple__"}:
+            return tuple(join_tree(v, tensors) for v in skeleton["__tuple__"])
+        if set(skeleton) == {"__dict__"}:
+            return {join_tree(k, tensors): join_tree(v, tensors) for k, v in skeleton["__dict__"]}
+        return {k: join_tree(v, tensors) for k, v in skeleton.items()}
+    return skeleton
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_tree(folder: Path, stem: str, tree: Any) -> None:
+    """``<stem>.json`` (+ ``<stem>.safetensors`` when there are tensors), both fsynced."""
+    if not _STEM.match(stem):
+        raise ValueError(f"checkpoint tree name {stem!r} is not a safe file name")
+    skeleton, tensors = split_tree(tree)
+    if tensors:
+        save_file(tensors, str(folder / f"{stem}.safetensors"))
+        _fsync(folder / f"{stem}.safetensors")
+    with open(folder / f"{stem}.json", "w") as f:
+        json.dump(skeleton, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_tree(folder: Path, stem: str) -> Any:
+    skeleton = json.loads((folder / f"{stem}.json").read_text())
+    weights = folder / f"{stem}.safetensors"
+    tensors = load_file(str(weights)) if weights.exists() else {}
+    return join_tree(skeleton, tensors)
+
+
+# --- one committed folder -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint folder and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    def has(self, stem: str) -> bool:
+        return f"{stem}.json" in self.manifest["files"]
+
+    def read(self, stem: str) -> Any:
+        if not self.has(stem):
+            raise CheckpointError(f"{self.path} holds no '{stem}'")
+        return read_tree(self.path, stem)
+
+
+def _order(manifest: Mapping[str, Any]) -> tuple[int, int]:
+    """Newest first by step, then by batches consumed (skipped steps consume batches)."""
+    return int(manifest.get("step", -1)), int(manifest.get("batches_seen", -1))
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (half-written)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} manifest")
+    return manifest
+
+
+def verify(folder: Path) -> Checkpoint:
+    """Check the manifest, every file's sha256 and every safetensors header."""
+    manifest = read_manifest(folder)
+    for name, digest in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing")
+        if sha256_file(file) != digest:
+            raise CheckpointError(f"{folder}: {name} does not match its sha256 (truncated?)")
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    f.keys()
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{folder}: {name} is unreadable ({err})") from err
+    return Checkpoint(folder, manifest)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` (the same step saved again) is moved
+    aside first and deleted last, so a crash in between leaves it as ``.step_X.replaced``."""
+    if final.exists():
+        aside = final.with_name(f".{final.name}.replaced")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync(final.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(final.parent)
+
+
+def keep_set(manifests: Mapping[str, Mapping[str, Any]], keep_last: int) -> set[str]:
+    """Names to keep among committed checkpoints: the newest ``keep_last`` (at least one),
+    the newest final one, and the one at the best step recorded by the newest manifest."""
+    names = sorted(manifests, key=lambda n: _order(manifests[n]))
+    keep = set(names[-max(1, keep_last) :])
+    finals = [n for n in names if manifests[n].get("final")]
+    keep.update(finals[-1:])
+    if names:
+        best = manifests[names[-1]].get("best") or {}
+        keep.update(n for n in names if manifests[n].get("step") == best.get("step"))
+    return keep
+
+
+def _rotate(root: Path, keep_last: int) -> None:
+    """Delete committed checkpoints outside ``keep_set`` and stale temporary folders."""
+    manifests: dict[str, dict[str, Any]] = {}
+    for path in root.iterdir():
+        if path.name.endswith(".tmp") or (
+            path.name.endswith(".replaced") and (root / path.name[1:-9]).exists()
+        ):
+            shutil.rmtree(path, ignore_errors=True)  # leftovers of an interrupted save
+        elif path.is_dir() and path.name.startswith("step_"):
+            try:
+                manifests[path.name] = read_manifest(path)
+            except CheckpointError:
+                continue  # not ours to judge here; never deleted, never loaded
+    keep = keep_set(manifests, keep_last)
+    for name in sorted(set(manifests) - keep):
+        shutil.rmtree(root / name, ignore_errors=True)
+
+
+def _candidates(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+
+
+class CheckpointManager:
+    """Saves, rotates, mirrors and finds the checkpoints of one run.
+
+    ``save`` is called by every rank (``barrier`` synchronises them): each rank writes its
+    own trees (RNG states, data cursor), the main rank writes the shared ones and commits.
+    The checkpoint folder must be on a filesystem every rank sees.
+    """
+
+    def __init__(self, root: Path, keep_last: int = 2, mirror: Path | None = None):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.mirror = Path(mirror) if mirror else None
+
+    def save(
+        self,
+        step: int,
+        shared: Mapping[str, Any],
+        per_rank: Mapping[str, Any],
+        info: Mapping[str, Any],
+        rank: int = 0,
+        barrier: Callable[[], None] = lambda: None,
+    ) -> Path:
+        """Write and commit ``step_XXXXXXX``; ``info`` goes into the manifest (``batches_seen``,
+        ``final``, ``best``, ...). Returns the committed folder."""
+        final = self.root / f"step_{step:07d}"
+        tmp = self.root / f".{final.name}.tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        for stem, tree in per_rank.items():
+            write_tree(tmp, stem, tree)
+        barrier()
+        if rank == 0:
+            for stem, tree in shared.items():
+                write_tree(tmp, stem, tree)
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            manifest = {
+                "format": FORMAT,
+                "step": step,
+                **info,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "files": files,
+            }
+            with open(tmp / MANIFEST, "w") as f:  # written last: it commits the content
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync(tmp)
+            _commit(tmp, final)
+            _rotate(self.root, self.keep_last)
+            if self.mirror is not None:
+                self._copy_to_mirror(final, manifest)
+        barrier()
+        return final
+
+    def _copy_to_mirror(self, src: Path, manifest: Mapping[str, Any]) -> None:
+        """Copy, re-read and verify, rename; a failing mirror warns and never stops training."""
+        assert self.mirror is not None
+        dst = self.mirror / src.name
+        tmp = self.mirror / f".{src.name}.tmp"
+        try:
+            self.mirror.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for name, digest in manifest["files"].items():
+                shutil.copyfile(src / name, tmp / name)
+                _fsync(tmp / name)
+                if sha256_file(tmp / name) != digest:
+                    raise CheckpointError(f"mirror copy of {name} does not match its sha256")
+            shutil.copyfile(src / MANIFEST, tmp / MANIFEST)
+            _fsync(tmp / MANIFEST)
+            _fsync(tmp)
+            _commit(tmp, dst)
+            _rotate(self.mirror, self.keep_last)
+        except (OSError, CheckpointError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("could not mirror %s to %s: %s", src.name, self.mirror, err)
+
+    def roots(self) -> Iterable[Path]:
+        yield self.root
+        if self.mirror is not None:
+            yield self.mirror
+
+    def latest(self) -> Checkpoint | None:
+        """The newest valid checkpoint of the local folder and the mirror (local wins a tie).
+
+        Invalid newer ones are skipped with a warning; if checkpoints exist but none is valid,
+        raises ``CheckpointError`` rather than silently starting over.
+        """
+        found: list[tuple[tuple[int, int], int, Path]] = []
+        for preference, root in enumerate(self.roots()):
+            for path in _candidates(root):
+                try:
+                    order = _order(read_manifest(path))
+                except CheckpointError:
+                    order = (int(_NAME.match(path.name).group(1)), -1)  # type: ignore[union-attr]
+                found.append((order, -preference, path))
+        problems = []
+        for _, _, path in sorted(found, reverse=True):
+            try:
+                checkpoint = verify(path)
+            except CheckpointError as err:
+                problems.append(str(err))
+                log.warning("skipping unusable checkpoint: %s", err)
+                continue
+            if problems:
+                log.warning("resuming from the previous valid checkpoint %s", path)
+            return checkpoint
+        if problems:
+            raise CheckpointError(
+                "no usable checkpoint (" + "; ".join(problems) + "): delete "
+                f"{self.root} to start over"
+            )
+        return None

@@ -400,6 +400,9 @@ class ResumableBatches:
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
             pin_memory=self.pin_memory,
+            # Worker seeds from the cursor, not the global generator, so a resumed run's
+            # workers draw the same random numbers as an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.position),
         )
         return self._advance(loader, self._generation)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import to_dict
@@ -115,7 +115,7 @@ def load_tensors(folder: Path, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
     path = Path(folder) / name
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise ExportError(f"{path} is not a readable safetensors file: {err}") from err
 
 

@@ -12,9 +12,32 @@ The trainer calls, in this order:
         every preview_every: stage.preview({"ema": ..., "raw": ...}, step, folder)
     stage.export(ema_modules, folder)            # at the end, from EMA weights if any
 
-``modules`` is a ``dict[str, nn.Module]`` as wrapped by accelerate (use them to call, use
-``unwrap`` from the trainer to reach attributes). Frozen networks a stage needs (the VAE
-for the UNet, LPIPS for the VAE) are held by the stage itself and are not in ``modules``.
+What each call gets (the trainer guarantees it):
+
+- ``build()`` runs after ``seed_all(train.seed)`` on every rank; module names are Python
+  identifiers (they name checkpoint files). All parameters that require grad are trained
+  by one optimizer; the trainer moves the modules to the device.
+- ``loss(modules, batch, step)``: ``modules`` are the training modules as wrapped by
+  accelerate (call them; use ``trainer.unwrap`` to reach attributes); the batch has been
+  moved to the device; the call runs under autocast. ``step`` is the number of updates
+  done so far (a skipped non-finite step does not advance it). Return ``"loss"`` (the
+  scalar to backpropagate) plus any scalar terms to log (averaged over micro-batches and
+  ranks). It may draw from the global random generators: their states are checkpointed.
+- ``train_loader(rank, world_size)``: an infinite iterable whose ``state_dict()`` counts
+  only batches already handed out; ``load_state_dict`` is called before ``iter``. Batch
+  fetches run under ``preserve_rng``, so a loader's draws never shift the training streams.
+- ``validate``, ``preview`` and ``export`` run on the main process only, under
+  ``torch.no_grad()``, with bare (unwrapped) modules in eval mode; ``validate`` and
+  ``preview`` also run under autocast and ``preserve_rng``. ``validate`` and ``export`` get
+  the EMA modules (the raw ones when EMA is off); ``preview`` gets both as
+  ``{"ema": ..., "raw": ...}`` (the same modules under both keys when EMA is off).
+
+Optional attributes: ``best_metric = None`` keeps no best checkpoint; ``resume_safe_keys``
+(fnmatch patterns such as ``"val.*"``) adds the stage's own config keys that may change on
+resume to the trainer's ``RESUME_SAFE_KEYS``.
+
+Frozen networks a stage needs (the VAE for the UNet, LPIPS for the VAE) are held by the
+stage itself and are not in ``modules``; ``RunContext.device`` is this process's device.
 """
 
 from __future__ import annotations
@@ -60,8 +83,8 @@ class Stage(Protocol):
 
     name: str
     config: Any  # the stage's resolved frozen config: has .train, .optim, .ema, .ckpt, .data
-    # The validation metric used to keep the best checkpoint, and its direction.
-    best_metric: tuple[str, Literal["min", "max"]]
+    # The validation metric used to keep the best checkpoint, and its direction (or None).
+    best_metric: tuple[str, Literal["min", "max"]] | None
 
     def build(self) -> dict[str, nn.Module]: ...
 

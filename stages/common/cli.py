@@ -1,0 +1,102 @@
+"""The command line of every stage: ``python -m stages.<name> --preset tiny --data DIR ...``.
+
+Each stage's ``__main__`` is ``raise SystemExit(run_stage("vae", VAEConfig, VAEStage))``.
+The config is defaults <- ``configs/<preset>/<name>.toml`` <- ``section.key=value``
+overrides (``--data X`` is the override ``data.path=X``); ``--dry-run`` prints it and exits.
+Otherwise the resolved config goes to ``<runs>/<preset>/<name>/config.json``, the stage is
+built and handed to the shared trainer, whose exit code is returned (see ``EPILOG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from .config import CONFIGS_DIR, ConfigError, dumps, load_config, save_json
+from .log import setup_console_logging
+from .stage import RunContext, Stage
+from .trainer import (
+    EXIT_ABORTED,
+    EXIT_CANNOT_RESUME,
+    EXIT_CONFIG,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    force_cpu,
+    train,
+)
+
+log = logging.getLogger(__name__)
+
+EPILOG = f"""\
+Re-running the same command resumes from the newest valid checkpoint.
+Runs on a CPU, one GPU, or many: accelerate launch / torchrun -m stages.<name> ...
+
+exit codes:
+  {EXIT_OK:<4} trained, or already trained and exported (nothing to do)
+  1    unexpected error (traceback printed)
+  {EXIT_CONFIG:<4} bad config, preset or override (the key is named)
+  {EXIT_CANNOT_RESUME:<4} cannot resume: config keys that break resume changed (named), the number
+       of processes changed, or no existing checkpoint is usable
+  {EXIT_NONFINITE:<4} stopped after train.max_consecutive_skips non-finite steps in a row
+  {EXIT_PREEMPTED:<4} preempted (SIGTERM/SIGINT/SIGHUP): checkpoint saved, re-run to resume
+  {EXIT_ABORTED:<4} a second Ctrl-C: stopped without saving
+"""
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{name}",
+        description=f"Train the {name} stage (resumable, preemption-safe).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="tiny", help="configs/<preset>/ (default: tiny)")
+    parser.add_argument("--data", help="shard folder holding train/ and val/ (data.path)")
+    parser.add_argument("--runs", default="runs", help="runs root (default: runs)")
+    parser.add_argument("--configs", type=Path, help="folder of presets (default: configs/)")
+    parser.add_argument("--dry-run", action="store_true", help="print the config and exit")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="config overrides (TOML values)"
+    )
+    return parser
+
+
+def run_stage(
+    name: str,
+    config_cls: type,
+    make_stage: Callable[[Any, RunContext], Stage],
+    argv: Sequence[str] | None = None,
+    configs_dir: Path = CONFIGS_DIR,
+) -> int:
+    """Parse ``argv``, load the config, build the stage and train it; returns the exit code."""
+    args = build_parser(name).parse_args(argv)
+    overrides = ([f"data.path={args.data}"] if args.data else []) + list(args.overrides)
+    try:
+        config = load_config(config_cls, args.preset, name, overrides, args.configs or configs_dir)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.dry_run:
+        print(dumps(config))
+        return EXIT_OK
+    state = PartialState(cpu=force_cpu())  # the device and rank, before the stage is built
+    setup_console_logging(state.is_main_process)
+    ctx = RunContext(Path(args.runs), args.preset, name, state.device)
+    if state.is_main_process:
+        save_json(config, ctx.run_dir / "config.json")
+    try:
+        stage = make_stage(config, ctx)
+        return train(stage, ctx)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_ABORTED

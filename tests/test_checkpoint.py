@@ -1,0 +1,198 @@
+"""Checkpoint folders: lossless trees, atomic commits, verification, rotation, the mirror."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from stages.common import checkpoint as ckpt_mod
+from stages.common.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    join_tree,
+    keep_set,
+    split_tree,
+    verify,
+)
+
+
+def tree_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(tree_equal(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(tree_equal, a, b))
+    return a == b and type(a) is type(b)
+
+
+def state(step: int) -> dict:
+    """Shared trees shaped like the trainer's (optimizer-style int keys, tuples, scalars)."""
+    g = torch.Generator().manual_seed(step)
+    return {
+        "model.net": {"w": torch.randn(4, 3, generator=g), "b": torch.zeros(3)},
+        "optimizer": {
+            "state": {
+                0: {"step": torch.tensor(float(step)), "exp_avg": torch.randn(4, 3, generator=g)}
+            },
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0], "name": "decay"}],
+        },
+        "trainer": {"step": step, "best": None},
+    }
+
+
+def save(manager: CheckpointManager, step: int, final: bool = False, best_step: int | None = None):
+    best = {"metric": "mse", "mode": "min", "value": 0.5, "step": best_step} if best_step else None
+    info = {"batches_seen": step, "world_size": 1, "final": final, "best": best}
+    return manager.save(step, state(step), {"rank0": {"data": {"index": step}}}, info)
+
+
+def test_tree_round_trip_keeps_types_tuples_int_keys_and_shared_tensors():
+    shared = torch.arange(6.0).reshape(2, 3)
+    tree = {
+        "a": shared,
+        "b": shared,  # tied weights: stored twice, no shared-storage error
+        "nested": {1: (torch.tensor(3.5), "x", None, True, 2.5e-300, float("inf"))},
+        "list": [torch.zeros(0, dtype=torch.int64), {"__tensor__": "not a marker"}],
+        "bits": torch.tensor([1, 255], dtype=torch.uint8),
+    }
+    skeleton, tensors = split_tree(tree)
+    json_round_trip = json.loads(json.dumps(skeleton))
+    assert tree_equal(join_tree(json_round_trip, tensors), tree)
+    with pytest.raises(TypeError, match="'x.y'"):
+        split_tree({"x": {"y": object()}})
+
+
+def test_save_writes_a_verified_manifest_last_and_reads_back(tmp_path):
+    manager = CheckpointManager(tmp_path / "ck")
+    path = save(manager, 3)
+    assert path.name == "step_0000003"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {"manifest.json"}
+    loaded = verify(path)
+    for stem, tree in state(3).items():
+        assert tree_equal(loaded.read(stem), tree)
+    assert loaded.read("rank0") == {"data": {"index": 3}}
+    assert not list((tmp_path / "ck").glob(".*"))  # no temporary folder left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no_manifest", "bad_manifest", "flip_byte"])
+def test_unusable_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, damage):
+    manager = CheckpointManager(tmp_path / "ck", keep_last=3)
+    save(manager, 2)
+    newest = save(manager, 4)
+    weights = newest / "model.net.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-7])
+    elif damage == "no_manifest":
+        (newest / "manifest.json").unlink()
+    elif damage == "bad_manifest":
+        (newest / "manifest.json").write_text('{"format": "minisd-checkpoint/1", "step"')
+    else:
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        found = manager.latest()
+    assert found is not None and found.step == 2
+    assert "skipping unusable checkpoint" in caplog.text and "step_0000004" in caplog.text
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    manager = CheckpointManager(tmp_path / "ck")
+    assert manager.latest() is None  # nothing yet: a fresh run
+    path = save(manager, 2)
+    (path / "optimizer.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        manager.latest()
+
+
+def test_failed_save_midway_leaves_previous_checkpoints_valid(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path / "ck", keep_last=1)
+    save(manager, 2)
+    real_write = ckpt_mod.write_tree
+    calls = []
+
+    def failing_write(folder, stem, tree):
+        calls.append(stem)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_write(folder, stem, tree)
+
+    monkeypatch.setattr(ckpt_mod, "write_tree", failing_write)
+    with pytest.raises(OSError, match="No space"):
+        save(manager, 4)
+    monkeypatch.setattr(ckpt_mod, "write_tree", real_write)
+    assert manager.latest().step == 2  # keep_last=1, yet the old one was not rotated away
+    assert verify(tmp_path / "ck" / "step_0000002").step == 2
+    save(manager, 6)  # the next save cleans the half-written folder and rotates
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000006"]
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    manager = CheckpointManager(tmp_path / "ck", keep_last=2)
+    save(manager, 2)
+    first = save(manager, 4)
+    manifest = json.loads((first / "manifest.json").read_text())
+    manager.save(4, state(4), {"rank0": {"data": {"index": 9}}}, {"batches_seen": 9})
+    found = manager.latest()
+    assert found.step == 4 and found.manifest["batches_seen"] == 9 != manifest["batches_seen"]
+    assert found.read("rank0")["data"]["index"] == 9
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000002", "step_0000004"]
+
+
+def test_keep_last_best_and_final(tmp_path):
+    manager = CheckpointManager(tmp_path / "ck", keep_last=2)
+    for step in range(1, 7):
+        save(manager, step, best_step=2 if step >= 2 else None)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "step_0000002",  # best
+        "step_0000005",
+        "step_0000006",
+    ]
+    save(manager, 7, final=True, best_step=2)
+    for step in (8, 9):  # a later, longer run of the same folder
+        save(manager, step, best_step=8)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "step_0000007",  # the newest final
+        "step_0000008",  # best (and among the last two)
+        "step_0000009",
+    ]
+    manifests = {f"s{i}": {"step": i, "batches_seen": i} for i in range(5)}
+    assert keep_set(manifests, 0) == {"s4"}  # never zero: the newest one always stays
+
+
+def test_mirror_gets_verified_copies_with_rotation_and_serves_resume(tmp_path):
+    mirror = tmp_path / "drive" / "ck"
+    manager = CheckpointManager(tmp_path / "ck", keep_last=2, mirror=mirror)
+    for step in (1, 2, 3):
+        save(manager, step)
+    assert sorted(p.name for p in mirror.iterdir()) == ["step_0000002", "step_0000003"]
+    for name in ("step_0000002", "step_0000003"):
+        local, copy = tmp_path / "ck" / name, mirror / name
+        assert verify(copy).manifest == verify(local).manifest
+    shutil.rmtree(tmp_path / "ck")  # the runtime's disk is gone; the Drive remains
+    found = CheckpointManager(tmp_path / "ck", mirror=mirror).latest()
+    assert found.path == mirror / "step_0000003"
+    assert tree_equal(found.read("model.net"), state(3)["model.net"])
+
+
+def test_newest_of_local_and_mirror_wins_and_a_broken_mirror_only_warns(tmp_path, caplog):
+    mirror = tmp_path / "drive"
+    save(CheckpointManager(tmp_path / "ck", mirror=mirror), 2)
+    save(CheckpointManager(mirror), 5)  # the mirror is ahead (e.g. another runtime)
+    assert (
+        CheckpointManager(tmp_path / "ck", mirror=mirror).latest().path == mirror / "step_0000005"
+    )
+    blocked = tmp_path / "not_a_dir"
+    blocked.write_text("a file where the mirror folder should be")
+    with caplog.at_level(logging.WARNING):
+        path = save(CheckpointManager(tmp_path / "ck", mirror=blocked / "ck"), 7)
+    assert verify(path).step == 7
+    assert "could not mirror step_0000007" in caplog.text

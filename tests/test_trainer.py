@@ -1,0 +1,284 @@
+"""The shared trainer's reliability promises, on the toy stage (tests/toy_stage.py).
+
+Each test states one promise: exact resume after a kill, a preemption signal, a corrupt
+newest checkpoint, the mirror, non-finite steps, config changes, a finished run re-run,
+8-bit optimizer state, two processes, and the real shard reader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from toy_stage import ToyConfig, ToyCrash, ToyStage
+
+from stages.common.checkpoint import CheckpointManager, read_tree
+from stages.common.config import load_config
+from stages.common.log import read_metrics
+from stages.common.optim import lr_at
+from stages.common.stage import RunContext
+from stages.common.trainer import (
+    EXIT_CANNOT_RESUME,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    train,
+)
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+STATE_STEMS = ("model.net", "model.critic", "ema", "optimizer", "trainer", "rank0")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each run here is a new process in real use."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run(runs: Path, *overrides: str) -> tuple[int, ToyStage]:
+    config = load_config(ToyConfig, overrides=list(overrides))
+    ctx = RunContext(runs, "tiny", "toy")
+    stage = ToyStage(config, ctx)
+    return train(stage, ctx), stage
+
+
+def checkpoints(runs: Path) -> dict[int, Path]:
+    folder = runs / "tiny" / "toy" / "checkpoints"
+    found = folder.iterdir() if folder.exists() else []
+    return {int(p.name[5:]): p for p in found if p.name.startswith("step_")}
+
+
+def final_state(runs: Path) -> dict:
+    newest = CheckpointManager(runs / "tiny" / "toy" / "checkpoints").latest()
+    return {stem: read_tree(newest.path, stem) for stem in STATE_STEMS}
+
+
+def assert_bitwise_equal(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"tensor differs at {where}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"keys differ at {where}"
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), f"length differs at {where}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def ids(records: list[dict]) -> list[list]:
+    return [r["ids"] for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 8-step run of the default toy config: state and samples seen."""
+    runs = tmp_path_factory.mktemp("reference")
+    code, stage = run(runs)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert code == EXIT_OK
+    return {"state": final_state(runs), "seen": stage.seen, "runs": runs}
+
+
+def test_killed_run_resumes_bitwise_equal(tmp_path, reference):
+    with pytest.raises(ToyCrash):  # checkpoint at step 4, then killed in step 7
+        run(tmp_path, "toy.crash_at_batch=6")
+    assert sorted(checkpoints(tmp_path)) == [4]
+    first = read_metrics(tmp_path / "tiny/toy/metrics.jsonl")
+    assert [m["step"] for m in first if m["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    code, stage = run(tmp_path)
+    assert code == EXIT_OK
+    assert_bitwise_equal(final_state(tmp_path), reference["state"])
+    assert ids(stage.seen) == ids(reference["seen"])[4:]  # no sample missed or repeated
+    assert [r["weights"] for r in stage.seen] == [r["weights"] for r in reference["seen"]][4:]
+    steps = [m["step"] for m in read_metrics(tmp_path / "tiny/toy/metrics.jsonl")]
+    assert steps == list(range(1, 9))  # lines logged after the checkpoint were dropped
+
+
+def test_adamw8bit_with_accumulation_resumes_bitwise_equal(tmp_path):
+    settings = ("optim.name=adamw8bit", "toy.width=64", "train.grad_accum=2", "train.max_steps=4")
+    code, whole = run(tmp_path / "whole", *settings)
+    assert code == EXIT_OK
+    state = final_state(tmp_path / "whole")
+    hidden = state["optimizer"]["state"]
+    assert any(
+        s["__bnb_optimizer_quant_state__"]["state1"].dtype == torch.uint8 for s in hidden.values()
+    )  # the 64x64 layer holds 8-bit moments
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ToyCrash):  # checkpoint at step 2 (= batch 4), killed in step 4
+        run(tmp_path / "cut", *settings, "ckpt.every_steps=2", "toy.crash_at_batch=6")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    code, resumed = run(tmp_path / "cut", *settings)
+    assert code == EXIT_OK
+    assert_bitwise_equal(final_state(tmp_path / "cut"), state)
+    assert ids(resumed.seen) == ids(whole.seen)[4:]
+
+
+def test_sigterm_saves_at_the_step_boundary_and_resume_matches(tmp_path, reference):
+    (tmp_path / "configs" / "tiny").mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, str(TESTS / "toy_stage.py"), "--configs", str(tmp_path / "configs")]
+    command += ["--runs", str(tmp_path), "toy.sleep=0.25"]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    seen_file = tmp_path / "tiny/toy/seen.rank0.jsonl"
+    deadline = time.monotonic() + 60
+    while not (seen_file.exists() and len(seen_file.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == EXIT_PREEMPTED, stderr
+    assert "SIGTERM" in stderr
+    done = [json.loads(line) for line in seen_file.read_text().splitlines()]
+    assert max(checkpoints(tmp_path)) == len(done) < 8  # saved right after the step it was in
+    code, stage = run(tmp_path)
+    assert code == EXIT_OK
+    assert_bitwise_equal(final_state(tmp_path), reference["state"])
+    assert ids(done) + ids(stage.seen) == ids(reference["seen"])
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, reference, caplog):
+    with pytest.raises(ToyCrash):  # checkpoints at steps 2 and 4, killed in step 6
+        run(tmp_path, "ckpt.every_steps=2", "toy.crash_at_batch=5")
+    newest = checkpoints(tmp_path)[4] / "optimizer.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        code, stage = run(tmp_path)
+    assert code == EXIT_OK
+    assert "skipping unusable checkpoint" in caplog.text and "step_0000004" in caplog.text
+    assert ids(stage.seen) == ids(reference["seen"])[2:]  # resumed from step 2
+    assert_bitwise_equal(final_state(tmp_path), reference["state"])
+
+
+def test_resume_from_the_mirror_when_the_run_folder_is_gone(tmp_path, reference):
+    mirror = tmp_path / "drive"
+    with pytest.raises(ToyCrash):
+        run(tmp_path / "runs", f"ckpt.mirror='{mirror}'", "toy.crash_at_batch=6")
+    copy = mirror / "tiny" / "toy" / "checkpoints" / "step_0000004"
+    assert (copy / "manifest.json").exists()
+    shutil.rmtree(tmp_path / "runs")
+    code, stage = run(tmp_path / "runs", f"ckpt.mirror='{mirror}'")
+    assert code == EXIT_OK
+    assert ids(stage.seen) == ids(reference["seen"])[4:]
+    assert_bitwise_equal(final_state(tmp_path / "runs"), reference["state"])
+    assert (mirror / "tiny" / "toy" / "checkpoints" / "step_0000008" / "manifest.json").exists()
+
+
+def test_nan_batch_is_skipped_without_touching_weights_or_schedule(tmp_path):
+    code, stage = run(tmp_path, "toy.nan_batches=[2]", "train.max_steps=4")
+    assert code == EXIT_OK
+    seen = stage.seen
+    assert [r["step"] for r in seen] == [0, 1, 2, 2, 3]  # the skip did not advance the step
+    assert seen[3]["weights"] == seen[2]["weights"] != seen[1]["weights"]
+    state = final_state(tmp_path)
+    assert state["trainer"]["skipped_steps"] == 1 and state["trainer"]["step"] == 4
+    assert float(state["optimizer"]["state"][0]["step"]) == 4  # four real updates
+    lrs = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "tiny/toy/metrics.jsonl")}
+    cfg = stage.config.optim
+    assert lrs == {s: lr_at(s - 1, cfg, 4) for s in range(1, 5)}
+
+
+def test_consecutive_non_finite_steps_stop_training(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        code, stage = run(tmp_path, "toy.nan_batches=[1, 2, 3]", "train.max_consecutive_skips=3")
+    assert code == EXIT_NONFINITE
+    assert "3 non-finite steps in a row" in caplog.text
+    assert len(stage.seen) == 4 and not checkpoints(tmp_path)
+
+
+def test_config_change_is_refused_by_name_and_harmless_changes_resume(tmp_path, caplog):
+    with pytest.raises(ToyCrash):
+        run(tmp_path, "toy.crash_at_batch=5")
+    with caplog.at_level(logging.ERROR):
+        code, stage = run(tmp_path, "toy.width=32", "data.batch_size=8", "train.log_every=2")
+    assert code == EXIT_CANNOT_RESUME and not stage.seen
+    assert "data.batch_size (4 -> 8), toy.width (16 -> 32)" in caplog.text
+    assert "train.log_every" not in caplog.text
+    code, stage = run(tmp_path, "train.max_steps=10", "train.log_every=5", "ckpt.keep_last=1")
+    assert code == EXIT_OK
+    assert stage.seen[0]["step"] == 4 and stage.seen[-1]["step"] == 9
+    assert max(checkpoints(tmp_path)) == 10
+
+
+def test_finished_run_rerun_does_nothing_and_reexports_if_needed(tmp_path):
+    assert run(tmp_path)[0] == EXIT_OK
+    export = tmp_path / "tiny/toy/export/model.safetensors"
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoints(tmp_path).values()}
+    code, stage = run(tmp_path)
+    assert code == EXIT_OK and not stage.seen
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoints(tmp_path).values()} == before
+    shutil.rmtree(export.parent)
+    code, stage = run(tmp_path)
+    assert code == EXIT_OK and not stage.seen and export.exists()
+
+
+def test_best_validation_checkpoint_is_kept_and_trackers_log(tmp_path, caplog):
+    trackers = 'train.trackers=["tensorboard", "wandb"]'  # wandb is not installed here
+    with caplog.at_level(logging.WARNING):
+        code, _ = run(
+            tmp_path, "train.val_every=1", "train.preview_every=4", "ckpt.keep_last=1", trackers
+        )
+    assert code == EXIT_OK
+    vals = [m for m in read_metrics(tmp_path / "tiny/toy/metrics.jsonl") if m["split"] == "val"]
+    best = min(vals, key=lambda m: m["mse"])["step"]
+    assert set(checkpoints(tmp_path)) == {best, 8}
+    previews = json.loads((tmp_path / "tiny/toy/previews/toy_0000004.json").read_text())
+    assert set(previews) == {"ema", "raw"} and previews["ema"] != previews["raw"]
+    assert "'wandb' is not installed" in caplog.text
+    assert list((tmp_path / "tiny/toy/logs").rglob("events.out.tfevents.*"))
+
+
+def test_shard_loader_resumes_exactly_through_the_trainer(tmp_path, tiny_shards):
+    settings = ("toy.source=shards", f"data.path='{tiny_shards}'", "train.max_steps=6")
+    code, whole = run(tmp_path / "whole", *settings, "ckpt.every_steps=3")
+    assert code == EXIT_OK
+    AcceleratorState._reset_state(reset_partial_state=True)
+    code, _ = run(tmp_path / "cut", *settings, "train.max_steps=3")  # a shorter first run
+    assert code == EXIT_OK
+    AcceleratorState._reset_state(reset_partial_state=True)
+    code, resumed = run(tmp_path / "cut", *settings)  # extended: resumes at step 3
+    assert code == EXIT_OK
+    assert ids(resumed.seen) == ids(whole.seen)[3:]
+    assert len({k for r in whole.seen for k in r["ids"]}) == 24  # 6 batches of 4 distinct keys
+
+
+def test_two_processes_train_resume_and_agree(tmp_path):
+    (tmp_path / "configs" / "tiny").mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.update(OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    base += [str(TESTS / "toy_stage.py"), "--configs", str(tmp_path / "configs")]
+    base += ["--runs", str(tmp_path), "ckpt.every_steps=0"]
+    for steps in (3, 6):  # the second launch resumes the first's final checkpoint
+        done = subprocess.run(
+            [*base, f"train.max_steps={steps}"], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    seen = {
+        rank: [json.loads(x) for x in (tmp_path / f"tiny/toy/seen.rank{rank}.jsonl").open()]
+        for rank in (0, 1)
+    }
+    assert [r["step"] for r in seen[0]] == [r["step"] for r in seen[1]] == list(range(6))
+    assert [r["weights"] for r in seen[0]] == [r["weights"] for r in seen[1]]  # in sync
+    assert len({i for rank in seen.values() for r in rank for i in r["ids"]}) == 2 * 6 * 4
+    final = checkpoints(tmp_path)[6]
+    assert (final / "rank0.json").exists() and (final / "rank1.json").exists()
+    code, stage = run(tmp_path, "train.max_steps=9")  # one process cannot take over two
+    assert code == EXIT_CANNOT_RESUME and not stage.seen
