@@ -10,6 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Tiny models on a 2-core CPU: one intra-op thread avoids OpenMP oversubscription (and is
+# inherited by the subprocess tests, which run two processes at once).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from synthetic import make_shards  # noqa: E402
 

@@ -19,12 +19,15 @@ from typing import Any
 from accelerate import PartialState
 
 from .config import CONFIGS_DIR, ConfigError, dumps, load_config, save_json
+from .export import ExportError
 from .log import setup_console_logging
+from .shards import ManifestError
 from .stage import RunContext, Stage
 from .trainer import (
     EXIT_ABORTED,
     EXIT_CANNOT_RESUME,
     EXIT_CONFIG,
+    EXIT_ERROR,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -97,6 +100,10 @@ def run_stage(
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except (ExportError, ManifestError) as err:
+        # A missing or mismatched upstream export or data folder: one clear line, no trace.
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_ABORTED

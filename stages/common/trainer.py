@@ -77,6 +77,7 @@ from .stage import RunContext, Stage
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
+EXIT_ERROR = 1  # an unexpected error, or a missing or mismatched upstream export or data
 EXIT_CONFIG = 2
 EXIT_CANNOT_RESUME = 3
 EXIT_NONFINITE = 4

@@ -1,0 +1,245 @@
+"""Command line: ``python -m pipeline generate|interactive|serve|demo``.
+
+Thin: parse, build a ``Text2Image`` from ``runs/<preset>/{vae,clip,unet}/export`` (or the
+folders given), call it, write PNGs. Sampling defaults come from ``SampleConfig`` and
+``configs/<preset>/sample.toml``; flags override them.
+
+    python -m pipeline generate "red apple" --cfg-scale 7.5 --steps 20 --seed 42 --out out.png
+    python -m pipeline generate "red apple" --n 4 --out grid.png      # one grid PNG
+    python -m pipeline generate "red apple" --n 4 --numbered --out a.png   # a-000.png ...
+    python -m pipeline interactive --folder samples
+    python -m pipeline serve --host 127.0.0.1 --port 8000
+    python -m pipeline demo --out runs/tiny/demo.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from stages.common.config import ConfigError, load_config
+from stages.common.export import ExportError
+from stages.unet.flow import SAMPLERS, SamplingConfig
+
+from .load import ExportFolders
+from .png import make_grid, save_png
+from .text2image import Generated, SampleConfig, Text2Image
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--preset", default="tiny", help="runs/<preset>/... and configs/<preset>")
+    group.add_argument("--runs", type=Path, default=Path("runs"), help="runs folder")
+    for stage in ("vae", "clip", "unet"):
+        group.add_argument(
+            f"--{stage}", type=Path, help=f"{stage} export folder (default: from --runs/--preset)"
+        )
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    group.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype on a GPU"
+    )
+    group.add_argument("--threads", type=int, help="CPU threads (0: one per core)")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, with_prompt_options: bool = True) -> None:
+    group = parser.add_argument_group("sampling (defaults: configs/<preset>/sample.toml)")
+    if with_prompt_options:
+        group.add_argument("--negative", default="", help="negative prompt (replaces the null)")
+    group.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
+    group.add_argument("--steps", type=int, help="sampler steps")
+    group.add_argument("--seed", type=int, help="seed of the first image (image i: seed + i)")
+    group.add_argument("--sampler", choices=sorted(SAMPLERS))
+    group.add_argument("--shift", type=float, help="timestep shift (1 = none)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="prompt -> PNG")
+    gen.add_argument("prompt")
+    gen.add_argument("--n", type=int, default=1, help="images (seeds seed .. seed + n - 1)")
+    gen.add_argument("--out", type=Path, default=Path("out.png"))
+    layout = gen.add_mutually_exclusive_group()
+    layout.add_argument("--grid", action="store_true", help="with --n > 1: one grid (default)")
+    layout.add_argument("--numbered", action="store_true", help="with --n > 1: OUT-000.png ...")
+    _add_sampling_args(gen)
+    _add_model_args(gen)
+
+    loop = commands.add_parser("interactive", help="read prompts from stdin, save PNGs")
+    loop.add_argument("--folder", type=Path, default=Path("samples"), help="where PNGs go")
+    _add_sampling_args(loop)
+    _add_model_args(loop)
+
+    serve = commands.add_parser("serve", help="HTTP API and web page")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--queue-size", type=int, default=8, help="waiting requests before 503")
+    serve.add_argument("--timeout", type=float, default=300.0, help="seconds per request (504)")
+    _add_sampling_args(serve, with_prompt_options=False)
+    _add_model_args(serve)
+
+    demo = commands.add_parser("demo", help="a grid PNG for a few fixed emoji prompts")
+    demo.add_argument("--out", type=Path, default=Path("demo.png"))
+    demo.add_argument("--per-prompt", type=int, default=4, help="seeds per prompt")
+    _add_sampling_args(demo, with_prompt_options=False)
+    _add_model_args(demo)
+    return parser
+
+
+def sample_config(args: argparse.Namespace) -> SampleConfig:
+    """Preset defaults with the flags given on top."""
+    config = load_config(SampleConfig, args.preset, "sample")
+    flags = {
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "sampler": args.sampler,
+        "shift": args.shift,
+        "seed": args.seed,
+        "device": args.device,
+        "precision": args.precision,
+        "threads": args.threads,
+    }
+    return dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
+
+
+def export_folders(args: argparse.Namespace) -> ExportFolders:
+    default = ExportFolders.from_runs(args.runs, args.preset)
+    return ExportFolders(
+        vae=args.vae or default.vae, clip=args.clip or default.clip, unet=args.unet or default.unet
+    )
+
+
+def load_pipeline(args: argparse.Namespace) -> tuple[Text2Image, SampleConfig, SamplingConfig]:
+    """The pipeline, the pipeline config, and the sampling settings resolved against the
+    defaults recorded in the UNet export."""
+    config = sample_config(args)
+    if config.threads < 0:
+        raise ValueError(f"threads must be 0 (one per core) or more, got {config.threads}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    pipe = Text2Image.from_exports(export_folders(args), config.device, config.precision)
+    return pipe, config, config.sampling(pipe.defaults)
+
+
+def _generate(
+    pipe: Text2Image, sampling: SamplingConfig, seed: int, prompts: list[str], negative: str
+) -> list[Generated]:
+    return pipe.generate(
+        prompts,
+        negative_prompt=negative or None,
+        seed=seed,
+        steps=sampling.steps,
+        cfg_scale=sampling.cfg_scale,
+        sampler=sampling.sampler,
+        shift=sampling.shift,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    pipe, config, sampling = load_pipeline(args)
+    start = time.perf_counter()
+    images = _generate(pipe, sampling, config.seed, [args.prompt] * args.n, args.negative)
+    per_image = (time.perf_counter() - start) / args.n
+    if args.n == 1:
+        paths = [save_png(images[0].image, images[0].metadata, args.out)]
+    elif args.numbered:
+        paths = [
+            save_png(g.image, g.metadata, args.out.with_name(f"{args.out.stem}-{i:03d}.png"))
+            for i, g in enumerate(images)
+        ]
+    else:
+        metadata = dict(images[0].metadata)
+        metadata["seed"] = f"{config.seed}..{config.seed + args.n - 1}"
+        metadata["n"] = str(args.n)
+        paths = [save_png(make_grid([g.image for g in images]), metadata, args.out)]
+    for path in paths:
+        print(path)
+    print(
+        f"{args.n} image(s) at {pipe.resolution} px, {sampling.steps} {sampling.sampler} "
+        f"steps, CFG {sampling.cfg_scale} on {pipe.device}: {per_image:.3f} s/image",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def next_number(folder: Path) -> int:
+    """One past the highest NNNNNN.png already in ``folder`` (never overwrite)."""
+    numbers = [int(p.stem) for p in folder.glob("*.png") if re.fullmatch(r"\d{6}", p.stem)]
+    return max(numbers, default=-1) + 1
+
+
+def cmd_interactive(args: argparse.Namespace) -> int:
+    pipe, config, sampling = load_pipeline(args)
+    args.folder.mkdir(parents=True, exist_ok=True)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("prompt (empty line ends)> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        prompt = line.strip()
+        if not prompt:
+            return 0
+        image = _generate(pipe, sampling, config.seed, [prompt], args.negative)[0]
+        path = save_png(
+            image.image, image.metadata, args.folder / f"{next_number(args.folder):06d}.png"
+        )
+        print(path, flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server import ServerSettings, create_app
+
+    pipe, _, sampling = load_pipeline(args)
+    settings = ServerSettings(
+        default_steps=sampling.steps,
+        default_cfg_scale=sampling.cfg_scale,
+        default_sampler=sampling.sampler,
+        shift=sampling.shift,
+        queue_size=args.queue_size,
+        timeout_s=args.timeout,
+    )
+    print(f"serving on http://{args.host}:{args.port}/ (device {pipe.device})", file=sys.stderr)
+    uvicorn.run(create_app(pipe, settings), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import write_demo
+
+    pipe, config, sampling = load_pipeline(args)
+    start = time.perf_counter()
+    path = write_demo(pipe, sampling, config.seed, args.out, per_prompt=args.per_prompt)
+    print(f"demo grid written in {time.perf_counter() - start:.1f} s: {path}")
+    return 0
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "interactive": cmd_interactive,
+    "serve": cmd_serve,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ExportError, ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

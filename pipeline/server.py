@@ -1,0 +1,282 @@
+"""HTTP API and web page around a pipeline object: ``create_app(pipeline, settings)``.
+
+    POST /generate   JSON {prompt, negative_prompt, steps, cfg_scale, seed, sampler, n, format}
+                     -> {"images": [{"data_uri", "seed", "metadata"}], "settings", ...}, or the
+                     raw PNG (n = 1) when ``Accept: image/png`` or ``"format": "png"``
+    GET  /health     models loaded, device, export hashes, queue
+    GET  /config     allowed ranges and defaults (the page reads them)
+    GET  /           the web page (static/index.html, plain HTML + JS)
+
+Requests are checked by a pydantic model built from the settings (422 with one readable
+``detail`` line), bodies over ``max_body_bytes`` are refused (413) both by Content-Length
+and while streaming, generation runs on one worker thread behind a bounded queue (503 when
+full) and each request waits at most ``timeout_s`` (504). Same seed, same image.
+
+No ``from __future__ import annotations`` here: FastAPI must resolve the request model,
+which is built per app inside ``create_app``.
+"""
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException
+
+from .png import data_uri
+from .text2image import Generated
+from .worker import QueueFull, Worker
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_SEED = 2**32 - 1
+
+
+class Pipeline(Protocol):
+    """What the server needs from ``Text2Image`` (tests pass slow or failing stand-ins)."""
+
+    device: Any
+    hashes: dict[str, str]
+    resolution: int
+
+    def generate(
+        self,
+        prompts: list[str],
+        negative_prompt: str | None,
+        seed: int,
+        steps: int,
+        cfg_scale: float,
+        sampler: str,
+        shift: float,
+    ) -> list[Generated]: ...
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    max_prompt_chars: int = 500
+    min_steps: int = 1
+    max_steps: int = 100
+    default_steps: int = 20
+    min_cfg_scale: float = 0.0
+    max_cfg_scale: float = 20.0
+    default_cfg_scale: float = 5.0
+    max_n: int = 4
+    samplers: tuple[str, ...] = ("euler", "heun")
+    default_sampler: str = "euler"
+    shift: float | None = None  # timestep shift; None: the UNet export's recorded default
+    queue_size: int = 8  # jobs waiting behind the running one before 503
+    timeout_s: float = 300.0  # per request, queueing included, before 504
+    max_body_bytes: int = 16 * 1024
+
+
+def request_model(settings: ServerSettings) -> type[BaseModel]:
+    """The /generate body, with the ranges of ``settings`` as Field constraints."""
+    prompt_text = Annotated[
+        str, StringConstraints(strip_whitespace=True, max_length=settings.max_prompt_chars)
+    ]
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        prompt: Annotated[prompt_text, Field(min_length=1)]
+        negative_prompt: prompt_text = ""
+        steps: int = Field(settings.default_steps, ge=settings.min_steps, le=settings.max_steps)
+        cfg_scale: float = Field(
+            settings.default_cfg_scale,
+            ge=settings.min_cfg_scale,
+            le=settings.max_cfg_scale,
+            allow_inf_nan=False,
+        )
+        seed: int | None = Field(None, ge=0, le=MAX_SEED)  # None: the server picks one
+        sampler: Literal[settings.samplers] = settings.default_sampler  # type: ignore[valid-type]
+        n: int = Field(1, ge=1, le=settings.max_n)
+        format: Literal["json", "png"] = "json"
+
+    return GenerateRequest
+
+
+def config_payload(settings: ServerSettings, pipeline: Pipeline) -> dict[str, Any]:
+    return {
+        "prompt": {"max_chars": settings.max_prompt_chars},
+        "negative_prompt": {"max_chars": settings.max_prompt_chars},
+        "steps": {
+            "min": settings.min_steps,
+            "max": settings.max_steps,
+            "default": settings.default_steps,
+        },
+        "cfg_scale": {
+            "min": settings.min_cfg_scale,
+            "max": settings.max_cfg_scale,
+            "default": settings.default_cfg_scale,
+        },
+        "n": {"min": 1, "max": settings.max_n, "default": 1},
+        "seed": {"min": 0, "max": MAX_SEED, "default": None},
+        "samplers": list(settings.samplers),
+        "default_sampler": settings.default_sampler,
+        "resolution": pipeline.resolution,
+        "timeout_s": settings.timeout_s,
+    }
+
+
+def _error_line(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``max_bytes``, by header and while streaming."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"request body is larger than {self.max_bytes} bytes")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse({"detail": self._too_large().detail}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # Raised inside the body read: FastAPI re-raises HTTPExceptions and
+                    # Starlette's exception middleware turns it into the 413 response.
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _run_job(
+    pipeline: Pipeline, body: BaseModel, seed: int, shift: float | None
+) -> tuple[list[tuple[bytes, dict[str, str]]], float]:
+    """Runs on the worker thread: generate and encode the PNGs (both CPU/GPU bound)."""
+    start = time.perf_counter()
+    images = pipeline.generate(
+        [body.prompt] * body.n,
+        negative_prompt=body.negative_prompt or None,
+        seed=seed,
+        steps=body.steps,
+        cfg_scale=body.cfg_scale,
+        sampler=body.sampler,
+        shift=shift,
+    )
+    return [(g.png(), g.metadata) for g in images], time.perf_counter() - start
+
+
+def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    worker = Worker(settings.queue_size)
+    GenerateRequest = request_model(settings)
+
+    async def lifespan(app: FastAPI):
+        yield
+        worker.close()
+
+    app = FastAPI(title="minisd", lifespan=lifespan)
+    app.state.worker = worker
+    app.state.pipeline = pipeline
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(_error_line(e) for e in errors)
+        return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "models_loaded": True,
+            "device": str(pipeline.device),
+            "hashes": dict(pipeline.hashes),
+            "resolution": pipeline.resolution,
+            "queue": {"pending": worker.pending, "capacity": worker.capacity},
+        }
+
+    @app.get("/config")
+    async def config() -> dict[str, Any]:
+        return config_payload(settings, pipeline)
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request) -> Response:  # type: ignore[valid-type]
+        as_png = body.format == "png" or "image/png" in request.headers.get("accept", "")
+        if as_png and body.n != 1:
+            return JSONResponse(
+                {"detail": f"n: must be 1 when asking for image/png (got {body.n})"},
+                status_code=422,
+            )
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        try:
+            future = worker.submit(lambda: _run_job(pipeline, body, seed, settings.shift))
+        except QueueFull as err:
+            return JSONResponse(
+                {"detail": f"server busy: {err}; try again shortly"},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+        try:
+            images, elapsed = await asyncio.wait_for(
+                asyncio.wrap_future(future), settings.timeout_s
+            )
+        except TimeoutError:
+            future.cancel()
+            return JSONResponse(
+                {"detail": f"generation did not finish within {settings.timeout_s:g} s"},
+                status_code=504,
+            )
+        except ValueError as err:  # the pipeline refused the settings
+            return JSONResponse({"detail": str(err)}, status_code=422)
+        except Exception as err:  # out of memory, a broken export...: say so, stay up
+            log.exception("generation failed")
+            return JSONResponse(
+                {"detail": f"generation failed: {type(err).__name__}: {err}"}, status_code=500
+            )
+        if as_png:
+            return Response(
+                images[0][0],
+                media_type="image/png",
+                headers={"X-Seed": str(seed), "X-Elapsed-Seconds": f"{elapsed:.3f}"},
+            )
+        used = body.model_dump(exclude={"format"}) | {"seed": seed}
+        return JSONResponse(
+            {
+                "images": [
+                    {"data_uri": data_uri(png), "seed": seed + i, "metadata": metadata}
+                    for i, (png, metadata) in enumerate(images)
+                ],
+                "settings": used,
+                "hashes": dict(pipeline.hashes),
+                "elapsed_s": round(elapsed, 3),
+            }
+        )
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

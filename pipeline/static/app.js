@@ -1,0 +1,146 @@
+// The page: read ranges from /config, POST /generate, show images with their settings or the
+// server's error message. Plain JS, no build step.
+"use strict";
+
+const form = document.getElementById("generate-form");
+const button = document.getElementById("generate");
+const statusLine = document.getElementById("status");
+const errorBox = document.getElementById("error");
+const results = document.getElementById("results");
+const field = (name) => document.getElementById(name);
+let resolution = 0;
+
+function showError(message) {
+  errorBox.textContent = message;
+  errorBox.hidden = false;
+}
+
+function clearError() {
+  errorBox.textContent = "";
+  errorBox.hidden = true;
+}
+
+function setRange(name, range) {
+  const input = field(name);
+  input.min = range.min;
+  input.max = range.max;
+  if (range.default !== null && range.default !== undefined) input.value = range.default;
+}
+
+async function loadConfig() {
+  const response = await fetch("/config");
+  if (!response.ok) throw new Error(`GET /config failed: HTTP ${response.status}`);
+  const config = await response.json();
+  setRange("steps", config.steps);
+  setRange("cfg_scale", config.cfg_scale);
+  setRange("n", config.n);
+  field("seed").max = config.seed.max;
+  field("prompt").maxLength = config.prompt.max_chars;
+  field("negative_prompt").maxLength = config.negative_prompt.max_chars;
+  const sampler = field("sampler");
+  sampler.replaceChildren(...config.samplers.map((name) => new Option(name, name)));
+  sampler.value = config.default_sampler;
+  resolution = config.resolution;
+  showCfg();
+}
+
+function showCfg() {
+  field("cfg_scale_value").textContent = Number(field("cfg_scale").value).toFixed(1);
+}
+
+function requestBody() {
+  const seed = field("seed").value.trim();
+  return {
+    prompt: field("prompt").value,
+    negative_prompt: field("negative_prompt").value,
+    cfg_scale: Number(field("cfg_scale").value),
+    steps: Number(field("steps").value),
+    seed: seed === "" ? null : Number(seed),
+    sampler: field("sampler").value,
+    n: Number(field("n").value),
+  };
+}
+
+function describe(settings) {
+  const parts = [
+    `prompt “${settings.prompt}”`,
+    settings.negative_prompt ? `negative “${settings.negative_prompt}”` : null,
+    `seed ${settings.seed}`,
+    `steps ${settings.steps}`,
+    `CFG ${settings.cfg_scale}`,
+    `sampler ${settings.sampler}`,
+  ];
+  return parts.filter(Boolean).join(" · ");
+}
+
+function showResult(payload) {
+  const block = document.createElement("article");
+  block.className = "result";
+  const settings = document.createElement("p");
+  settings.className = "settings";
+  settings.textContent = `${describe(payload.settings)} · ${payload.elapsed_s} s`;
+  const images = document.createElement("div");
+  images.className = "images";
+  for (const item of payload.images) {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = item.data_uri;
+    img.alt = `${payload.settings.prompt} (seed ${item.seed})`;
+    img.style.imageRendering = resolution && resolution < 256 ? "pixelated" : "auto";
+    const caption = document.createElement("figcaption");
+    caption.textContent = `seed ${item.seed}`;
+    figure.append(img, caption);
+    images.append(figure);
+  }
+  block.append(settings, images);
+  results.prepend(block);
+}
+
+async function errorMessage(response) {
+  try {
+    const payload = await response.json();
+    if (typeof payload.detail === "string") return payload.detail;
+    return JSON.stringify(payload.detail);
+  } catch {
+    return `HTTP ${response.status} ${response.statusText}`;
+  }
+}
+
+async function generate(event) {
+  event.preventDefault();
+  clearError();
+  const body = requestBody();
+  if (!body.prompt.trim()) {
+    showError("Please type a prompt.");
+    return;
+  }
+  button.disabled = true;
+  statusLine.textContent = "Generating…";
+  try {
+    const response = await fetch("/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify(body),
+    });
+    if (!response.ok) {
+      const prefix = {
+        413: "Request too large",
+        422: "Invalid settings",
+        503: "Server busy",
+        504: "Timed out",
+      }[response.status] || `Error ${response.status}`;
+      showError(`${prefix}: ${await errorMessage(response)}`);
+      return;
+    }
+    showResult(await response.json());
+  } catch (err) {
+    showError(`Could not reach the server: ${err.message}`);
+  } finally {
+    button.disabled = false;
+    statusLine.textContent = "";
+  }
+}
+
+form.addEventListener("submit", generate);
+field("cfg_scale").addEventListener("input", showCfg);
+loadConfig().catch((err) => showError(err.message));

@@ -1,0 +1,213 @@
+"""Prompt to images: encode, integrate the flow in latent space with CFG, decode.
+
+    cond   = clip.encode_text(prompts)                    tokens (B, L, D), mask, pooled
+    uncond = clip.null repeated B times, or the encoded negative prompt (it replaces null)
+    x_1    = noise (B, C, h, w); image i draws it from a CPU torch.Generator seeded seed + i,
+             so a seed fixes the starting noise whatever the batch, device or precision
+             (bitwise-equal images on one device; close ones across devices)
+    x_0    = sampler(cfg_velocity(unet, cond, uncond, s), x_1, steps, shift)
+             v = v_u + s (v_c - v_u), both branches in one batched forward
+    image  = vae.decode(vae.denormalize(x_0))             undo (z - mean) / std, then decode
+
+Sampling runs under autocast (bf16/fp16) on a GPU when asked; the sampler state and the VAE
+decode stay fp32 (fp16 VAE decoders overflow).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stages.clip.export import TextCondition
+from stages.unet.flow import SAMPLERS, SamplingConfig, cfg_velocity, seeded_noise
+
+from .load import ExportFolders, Models, load_models
+from .png import encode_png
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Pipeline settings; ``configs/<preset>/sample.toml`` holds a preset's differences.
+
+    Sampling fields left at None take the defaults the UNet export recorded at training
+    time (its ``sample`` section), so `make sample` matches the training previews.
+    """
+
+    steps: int | None = None
+    cfg_scale: float | None = None
+    sampler: Literal["euler", "heun"] | None = None
+    shift: float | None = None  # timestep shift t' = s t / (1 + (s - 1) t); > 1 for big images
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Precision = "auto"
+    # CPU intra-op threads, 0 = torch's default (one per core). 1 suits tiny models on a busy
+    # machine: OpenMP threads waiting for a core make every small op cost a time slice.
+    threads: int = 0
+
+    def sampling(self, recorded: SamplingConfig) -> SamplingConfig:
+        """``recorded`` (the export's defaults) with this config's set fields on top."""
+        fields = ("steps", "cfg_scale", "sampler", "shift")
+        return replace(
+            recorded, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+        )
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One image and the settings that reproduce it (strings, as stored in the PNG)."""
+
+    image: Image.Image
+    metadata: dict[str, str]
+
+    def png(self) -> bytes:
+        return encode_png(self.image, self.metadata)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
+    """fp32 on CPU; on a GPU ``auto`` is bf16 where supported, else fp16."""
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise ValueError(f"precision {precision} needs a GPU; use fp32 on {device}")
+        return torch.float32
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB PIL images."""
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = pixels.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in array]
+
+
+class Text2Image:
+    """The pipeline object: three loaded exports on one device, prompts in, images out."""
+
+    def __init__(self, models: Models, dtype: torch.dtype = torch.float32) -> None:
+        self.models = models
+        self.dtype = dtype
+        self.device = next(models.unet.model.parameters()).device
+        if dtype != torch.float32 and self.device.type != "cuda":
+            raise ValueError(f"{dtype} autocast needs a GPU; the models are on {self.device}")
+
+    @classmethod
+    def from_exports(
+        cls, folders: ExportFolders, device: str = "auto", precision: Precision = "auto"
+    ) -> Text2Image:
+        target = resolve_device(device)
+        return cls(load_models(folders, target), resolve_dtype(precision, target))
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        return self.models.hashes
+
+    @property
+    def resolution(self) -> int:
+        """Output image side in pixels (the UNet's latent side times the VAE factor)."""
+        return self.models.unet.resolution
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.models.unet.latent_shape
+
+    @property
+    def defaults(self) -> SamplingConfig:
+        """Sampling settings recorded in the UNet export (used where generate gets None)."""
+        return self.models.unet.sampling
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _conditions(
+        self, prompts: list[str], negatives: list[str]
+    ) -> tuple[TextCondition, TextCondition]:
+        clip = self.models.clip
+        cond = clip.encode_text(prompts)
+        if any(negatives):
+            # A negative prompt replaces the null condition; "" encodes to the null itself.
+            uncond = clip.encode_text(negatives)
+        else:
+            uncond = clip.null  # batch 1: cfg_velocity repeats it
+        return cond, uncond
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        seed: int = 42,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        sampler: str | None = None,
+        shift: float | None = None,
+    ) -> list[Generated]:
+        """One image per prompt; image i uses seed ``seed + i``; None: the export's default."""
+        defaults = self.defaults
+        steps = defaults.steps if steps is None else steps
+        cfg_scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
+        sampler = defaults.sampler if sampler is None else sampler
+        shift = defaults.shift if shift is None else shift
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            negatives = [n or "" for n in negative_prompt]
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one "
+                    "or one per prompt"
+                )
+        seeds = [seed + i for i in range(len(prompts))]
+        cond, uncond = self._conditions(prompts, negatives)
+        noise = seeded_noise(self.latent_shape, seeds).to(self.device)
+        velocity = cfg_velocity(self.models.unet.model, cond, uncond, cfg_scale)
+        with self._autocast():
+            latents = SAMPLERS[sampler](velocity, noise, steps, shift)
+        vae = self.models.vae
+        images = vae.decode(vae.denormalize(latents.float()))
+        hashes = self.hashes
+        return [
+            Generated(
+                image=image,
+                metadata={
+                    "prompt": prompt,
+                    "negative_prompt": negative,
+                    "seed": str(image_seed),
+                    "steps": str(steps),
+                    "cfg_scale": str(cfg_scale),
+                    "sampler": sampler,
+                    "shift": str(shift),
+                    "vae_hash": hashes["vae"],
+                    "clip_hash": hashes["clip"],
+                    "unet_hash": hashes["unet"],
+                },
+            )
+            for image, prompt, negative, image_seed in zip(
+                to_pil(images), prompts, negatives, seeds
+            )
+        ]

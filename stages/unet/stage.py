@@ -1,0 +1,236 @@
+"""Stage 3: the flow-matching UNet over frozen VAE latents and CLIP text states.
+
+The stage loads the VAE and CLIP exports (refusing a CLIP export trained on another VAE),
+resolves the network's input channels, context width and latent side from them, and holds
+them frozen. Training reads the latent cache (``cache.py``) or, with ``cache.enabled =
+false``, encodes each batch on the fly with the same maths.
+
+The stage contract: the run folder records the upstream export hashes it trained against
+in ``upstream.json``; restarting (resuming) the run against other exports is refused with
+a message naming both, and the export's manifest records them for the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.clip.export import load_clip
+from stages.common.checkpoint import CheckpointConfig
+from stages.common.config import ConfigError, to_dict
+from stages.common.data import DataConfig, ResumableBatches, ShardLoader
+from stages.common.ema import EMAConfig
+from stages.common.export import ExportError, write_export
+from stages.common.optim import OptimConfig
+from stages.common.shards import write_json_atomic
+from stages.common.stage import RunContext
+from stages.common.trainer import TrainConfig, unwrap
+from stages.vae.export import load_vae
+
+from .cache import (
+    CacheConfig,
+    CachedLatents,
+    collate_cached,
+    encode_batch,
+    ensure_cache,
+    latents_and_condition,
+)
+from .evaluate import EvalConfig, Evaluator, describe
+from .flow import FlowConfig, FlowMatching, SamplingConfig
+from .model import UNet, UNetConfig, count_parameters
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_FILE = "upstream.json"
+
+
+@dataclass(frozen=True)
+class UNetStageConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sample: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class UpstreamMismatch(ExportError):
+    """The run folder was trained against other VAE / CLIP exports than the ones present."""
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_model(cfg: UNetConfig, channels: int, context_dim: int, side: int) -> UNetConfig:
+    """Fill the 0 (= from upstream) fields; a set field must agree with the exports."""
+    resolved = {"in_channels": channels, "context_dim": context_dim, "sample_size": side}
+    for name, value in resolved.items():
+        given = getattr(cfg, name)
+        if given not in (0, value):
+            raise ConfigError(
+                f"model.{name} = {given} disagrees with the upstream exports/data ({value}); "
+                "leave it at 0 to take it from them"
+            )
+    return replace(cfg, **resolved)
+
+
+def check_run_upstream(run_dir: Path, hashes: dict[str, str], exports: dict[str, Path]) -> None:
+    """Refuse a run folder trained against other exports; record the hashes on first use."""
+    path = Path(run_dir) / UPSTREAM_FILE
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        for name, actual in hashes.items():
+            if recorded.get(name) != actual:
+                raise UpstreamMismatch(
+                    f"{run_dir} was trained against {name} export {recorded.get(name)}, but "
+                    f"{exports[name]} holds {name} export {actual}: delete {run_dir} to train "
+                    f"the UNet again on the new exports, or restore the {name} export it used"
+                )
+    elif _is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, hashes)
+
+
+class UNetStage:
+    """The UNet stage for the shared trainer (see ``stages.common.stage.Stage``)."""
+
+    name = "unet"
+    best_metric = ("fd", "min")
+    # Evaluation settings never touch training; the cache and on-the-fly paths read the
+    # same sample stream (same permutation over the same indices) with the same maths.
+    resume_safe_keys = (
+        "eval.*",
+        "sample.*",
+        "cache.enabled",
+        "cache.batch_size",
+        "cache.shard_size",
+    )
+
+    def __init__(self, config: UNetStageConfig, ctx: RunContext):
+        self.ctx = ctx
+        exports = {name: ctx.export_dir(name) for name in ("vae", "clip")}
+        for name, folder in exports.items():
+            if not (folder / "manifest.json").exists():
+                raise ExportError(
+                    f"the UNet stage needs the {name} export at {folder}, which does not "
+                    f"exist: run `make {name} PRESET={ctx.preset}` first"
+                )
+        self.vae = load_vae(exports["vae"], device=ctx.device)
+        # A latent-tower CLIP export records the VAE it was trained on: refuse another one.
+        self.clip = load_clip(exports["clip"], device=ctx.device, vae_hash=self.vae.hash)
+        self.hashes = {"vae": self.vae.hash, "clip": self.clip.hash}
+
+        resolution = config.data.resolution
+        if resolution % self.vae.factor:
+            raise ConfigError(
+                f"data.resolution {resolution} is not a multiple of the VAE factor "
+                f"{self.vae.factor}"
+            )
+        side = resolution // self.vae.factor
+        expected = side if self.clip.image_input == "latent" else resolution
+        if self.clip.image_size != expected:
+            raise ConfigError(
+                f"data.resolution {resolution} gives {self.clip.image_input} images of side "
+                f"{expected}, but the CLIP export's image tower takes {self.clip.image_size}"
+            )
+        model = resolve_model(config.model, self.vae.channels, self.clip.width, side)
+        self.config = replace(config, model=model)
+        self.latent_shape = (self.vae.channels, side, side)
+        self.flow = FlowMatching(config.flow)
+        self._evaluator: Evaluator | None = None
+        self.reference: dict[str, float] = {}
+        check_run_upstream(ctx.run_dir, self.hashes, exports)
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """Built at the first validation or preview: reads val and computes the reference."""
+        if self._evaluator is None:
+            cfg = self.config
+            self._evaluator = Evaluator(
+                self.vae,
+                self.clip,
+                Path(cfg.data.path) / "val",
+                cfg.data.resolution,
+                cfg.eval,
+                cfg.sample,
+            )
+            self.reference = self._evaluator.reference()
+            log.info("unet reference (real val images): %s", describe(self.reference))
+        return self._evaluator
+
+    # ------------------------------------------------------------------ the trainer's calls
+
+    def build(self) -> dict[str, nn.Module]:
+        unet = UNet(self.config.model)
+        log.info("unet: %.2fM parameters", count_parameters(unet) / 1e6)
+        return {"unet": unet}
+
+    def train_loader(self, rank: int, world_size: int) -> ResumableBatches | ShardLoader:
+        cfg = self.config
+        seed = cfg.train.seed
+        if not cfg.cache.enabled:
+            return ShardLoader.from_config(cfg.data, "train", seed, rank, world_size)
+        split_dir = Path(cfg.data.path) / "train"
+        root = self.ctx.run_dir / "cache"
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        args = (root, self.vae, self.clip, split_dir, cfg.data.resolution, cfg.cache)
+        if rank == 0:
+            folder, index = ensure_cache(*args, num_workers=cfg.data.num_workers)
+        if distributed:
+            torch.distributed.barrier()  # rank 0 has built (or verified) the cache
+        if rank != 0:
+            folder, index = ensure_cache(*args, build=False)
+        return ResumableBatches(
+            CachedLatents(folder, index),
+            cfg.data.batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate_cached,
+            pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
+        )
+
+    def loss(self, modules: dict[str, nn.Module], batch: Any, step: int) -> dict[str, torch.Tensor]:
+        unet = modules["unet"]
+        device = next(unet.parameters()).device
+        if "image" in batch:  # on the fly: the same fields the cache stores
+            batch = encode_batch(self.vae, self.clip, batch["image"], batch["caption"])
+        x0, cond = latents_and_condition(batch, self.vae, device)
+        return self.flow.loss(unet, x0, cond, self.clip.null)
+
+    @torch.no_grad()
+    def validate(self, modules: dict[str, nn.Module], step: int) -> dict[str, float]:
+        evaluator = self.evaluator
+        return {**evaluator.metrics(unwrap(modules["unet"])), **self.reference}
+
+    @torch.no_grad()
+    def preview(self, modules: dict[str, dict[str, nn.Module]], step: int, folder: Path) -> None:
+        nets = {kind: unwrap(group["unet"]) for kind, group in modules.items()}
+        path = self.evaluator.grid(nets, Path(folder) / f"samples_{step:07d}.png")
+        log.info("unet preview: %s", path)
+
+    def export(self, modules: dict[str, nn.Module], folder: Path) -> None:
+        unet = unwrap(modules["unet"])
+        cfg = self.config
+        info = {
+            "model": to_dict(cfg.model),
+            "latent_shape": list(self.latent_shape),
+            "resolution": cfg.data.resolution,
+            "sampling": to_dict(cfg.sample),
+            "time_convention": "x_t = (1 - t) x0 + t noise; v = noise - x0; t=1 is noise",
+            "parameters": count_parameters(unet),
+        }
+        write_export(Path(folder), self.name, unet.state_dict(), cfg, info, self.hashes)

@@ -1,0 +1,283 @@
+"""The pipeline on tiny real exports: images, seeds, CFG, negative prompts, refusals, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from exports import (
+    PRESET,
+    RESOLUTION,
+    cached_exports,
+    copy_exports,
+    one_torch_thread,
+    write_vae_export,
+)
+from PIL import Image
+
+from pipeline.__main__ import main
+from pipeline.demo import write_demo
+from pipeline.load import ExportFolders, load_models
+from pipeline.png import read_png_text
+from pipeline.text2image import Text2Image
+from stages.common.export import ExportError
+from stages.common.shards import sha256_file
+from stages.unet.flow import SamplingConfig
+
+STEPS = 3
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory) -> ExportFolders:
+    return cached_exports(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pipe(folders) -> Text2Image:
+    return Text2Image.from_exports(folders, device="cpu", precision="fp32")
+
+
+def pixels(generated) -> np.ndarray:
+    return np.asarray(generated.image, dtype=np.int16)
+
+
+def manifest_hash(folder: Path) -> str:
+    return json.loads((folder / "manifest.json").read_text())["hash"]
+
+
+# ------------------------------------------------------------------------------- images
+
+
+def test_images_have_the_exports_size_and_say_how_they_were_made(pipe, folders):
+    out = pipe.generate(
+        ["red apple; flat colour emoji", "black heart"], seed=7, steps=STEPS, cfg_scale=4.0
+    )
+    assert [g.image.size for g in out] == [(RESOLUTION, RESOLUTION)] * 2
+    assert all(g.image.mode == "RGB" for g in out)
+    assert [g.metadata["seed"] for g in out] == ["7", "8"]
+    meta = out[1].metadata
+    assert meta["prompt"] == "black heart"
+    assert (meta["steps"], meta["cfg_scale"], meta["sampler"]) == (str(STEPS), "4.0", "euler")
+    for stage, folder in folders.items():
+        assert meta[f"{stage}_hash"] == manifest_hash(folder)
+    assert pixels(out[0]).std() > 0  # not a blank image
+
+
+def test_same_seed_same_image_whatever_the_batch(pipe):
+    batch = pipe.generate(["red apple", "black heart"], seed=11, steps=STEPS)
+    alone = pipe.generate(["black heart"], seed=12, steps=STEPS)
+    again = pipe.generate(["black heart"], seed=12, steps=STEPS)
+    other_seed = pipe.generate(["black heart"], seed=13, steps=STEPS)
+    np.testing.assert_array_equal(pixels(batch[1]), pixels(alone[0]))
+    np.testing.assert_array_equal(pixels(alone[0]), pixels(again[0]))
+    assert np.abs(pixels(alone[0]) - pixels(other_seed[0])).max() > 0
+
+
+def test_cfg_scale_and_sampler_change_the_image(pipe):
+    def run(**kw):
+        return pixels(pipe.generate(["red apple"], seed=3, steps=STEPS, **kw)[0])
+
+    low, high = run(cfg_scale=1.0), run(cfg_scale=8.0)
+    assert np.abs(low - high).mean() > 0.5
+    assert np.abs(run(cfg_scale=4.0, sampler="heun") - run(cfg_scale=4.0)).mean() > 0
+
+
+def test_negative_prompt_replaces_the_null_condition(pipe):
+    def run(prompt, **kw):
+        return pixels(pipe.generate([prompt], seed=5, steps=STEPS, **kw)[0])
+
+    plain = run("red apple", cfg_scale=4.0)
+    negative = run("red apple", cfg_scale=4.0, negative_prompt="green square")
+    assert np.abs(plain - negative).mean() > 0.5
+    np.testing.assert_array_equal(plain, run("red apple", cfg_scale=4.0, negative_prompt=""))
+    # At scale 0, v = v_u: the negative prompt alone drives the image, exactly as it does
+    # when it is the prompt at scale 1 (v = v_c). Equal up to float rounding.
+    only_negative = run("red apple", cfg_scale=0.0, negative_prompt="green square")
+    as_prompt = run("green square", cfg_scale=1.0)
+    assert np.abs(only_negative - as_prompt).max() <= 1
+
+
+def test_defaults_come_from_the_unet_export(pipe):
+    assert pipe.defaults == SamplingConfig()  # the UNet stage's defaults, as exported
+    out = pipe.generate(["red apple"], seed=1)
+    assert out[0].metadata["steps"] == str(SamplingConfig().steps)
+
+
+def test_bad_arguments_are_refused(pipe):
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.generate(["x"], sampler="ddim", steps=2)
+    with pytest.raises(ValueError, match="steps"):
+        pipe.generate(["x"], steps=0)
+    with pytest.raises(ValueError, match="negative prompts"):
+        pipe.generate(["x", "y"], negative_prompt=["a", "b", "c"], steps=2)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_unet_trained_on_another_vae_is_refused_naming_both_hashes(folders, tmp_path):
+    copy = copy_exports(folders, tmp_path)
+    recorded = manifest_hash(folders.vae)
+    torch.manual_seed(123)
+    other = write_vae_export(copy.vae)
+    assert other != recorded
+    with pytest.raises(ExportError) as err:
+        load_models(copy)
+    assert recorded in str(err.value) and other in str(err.value)
+    assert str(copy.vae) in str(err.value)
+
+
+def test_corrupt_weights_are_refused(folders, tmp_path):
+    copy = copy_exports(folders, tmp_path)
+    weights = copy.unet / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="sha256"):
+        load_models(copy)
+
+
+class _Payload:
+    """Unpickling this would write ``marker``: the proof that something was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def _forge_manifest(folder: Path, name: str) -> None:
+    """An attacker who rewrites the file also rewrites its recorded sha256."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"][name] = sha256_file(folder / name)
+    if name == "model.safetensors":
+        manifest["hash"] = manifest["files"][name]
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch_zip"])
+def test_pickle_disguised_as_safetensors_is_refused_unopened(folders, tmp_path, kind):
+    copy = copy_exports(folders, tmp_path / "runs-copy")
+    marker = tmp_path / "unpickled"
+    weights = copy.unet / "model.safetensors"
+    if kind == "pickle":
+        weights.write_bytes(pickle.dumps(_Payload(marker)))
+    else:
+        torch.save({"x": torch.zeros(2)}, weights)
+    _forge_manifest(copy.unet, "model.safetensors")
+    with pytest.raises(ExportError, match="not a safetensors file"):
+        load_models(copy)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "pytorch_model.bin"])
+def test_pickle_file_in_an_export_is_refused(folders, tmp_path, name):
+    copy = copy_exports(folders, tmp_path)
+    marker = tmp_path / "unpickled"
+    (copy.vae / name).write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ExportError, match=f"{name} is a pickle-format file"):
+        load_models(copy)
+    assert not marker.exists()
+
+
+def test_pickle_file_given_as_export_is_refused(folders, tmp_path):
+    checkpoint = tmp_path / "unet.ckpt"
+    checkpoint.write_bytes(pickle.dumps(_Payload(tmp_path / "unpickled")))
+    given = ExportFolders(vae=folders.vae, clip=folders.clip, unet=checkpoint)
+    with pytest.raises(ExportError, match="pickle-format file, not a unet export folder"):
+        load_models(given)
+    assert not (tmp_path / "unpickled").exists()
+
+
+def test_missing_export_says_how_to_build_it(tmp_path):
+    with pytest.raises(ExportError, match="make vae"):
+        load_models(ExportFolders.from_runs(tmp_path, PRESET))
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def _runs_args(folders: ExportFolders) -> list[str]:
+    return ["--runs", str(folders.vae.parents[2]), "--preset", PRESET, "--device", "cpu"]
+
+
+def test_cli_generate_writes_a_png_with_its_settings(folders, tmp_path):
+    out = tmp_path / "out.png"
+    cmd = [sys.executable, "-m", "pipeline", "generate", "red apple; flat colour emoji"]
+    cmd += ["--negative", "blue circle", "--cfg-scale", "7.5", "--steps", str(STEPS)]
+    cmd += ["--seed", "42", "--sampler", "heun", "--out", str(out), *_runs_args(folders)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see exports.one_torch_thread
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert "s/image" in result.stderr
+    text = read_png_text(out)
+    assert text["prompt"] == "red apple; flat colour emoji"
+    assert text["negative_prompt"] == "blue circle"
+    assert (text["seed"], text["steps"], text["cfg_scale"], text["sampler"]) == (
+        "42",
+        str(STEPS),
+        "7.5",
+        "heun",
+    )
+    for stage, folder in folders.items():
+        assert text[f"{stage}_hash"] == manifest_hash(folder)
+    assert Image.open(out).size == (RESOLUTION, RESOLUTION)
+
+
+def test_cli_grid_and_numbered(folders, tmp_path, capsys):
+    common = ["generate", "black heart", "--n", "3", "--steps", "2", "--seed", "9"]
+    assert main([*common, "--out", str(tmp_path / "grid.png"), *_runs_args(folders)]) == 0
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (2 * RESOLUTION + 2, 2 * RESOLUTION + 2)  # 2 x 2 cells, 2 px gaps
+    assert read_png_text(tmp_path / "grid.png")["seed"] == "9..11"
+    out = tmp_path / "img.png"
+    assert main([*common, "--numbered", "--out", str(out), *_runs_args(folders)]) == 0
+    names = sorted(p.name for p in tmp_path.glob("img-*.png"))
+    assert names == ["img-000.png", "img-001.png", "img-002.png"]
+    assert [read_png_text(tmp_path / n)["seed"] for n in names] == ["9", "10", "11"]
+
+
+def test_cli_reports_a_missing_export(tmp_path, capsys):
+    out = str(tmp_path / "x.png")
+    code = main(["generate", "x", "--runs", str(tmp_path), "--preset", PRESET, "--out", out])
+    assert code == 2
+    assert "make vae" in capsys.readouterr().err
+
+
+def test_interactive_saves_one_png_per_prompt(folders, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("red apple\nblack heart\n\nignored\n"))
+    folder = tmp_path / "samples"
+    args = ["interactive", "--folder", str(folder), "--steps", "2", *_runs_args(folders)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(folder / "000000.png"), str(folder / "000001.png")]
+    assert read_png_text(folder / "000001.png")["prompt"] == "black heart"
+
+
+def test_demo_grid_has_one_labelled_row_per_prompt(pipe, tmp_path):
+    prompts = ("red apple; flat colour emoji", "black heart; flat colour emoji")
+    sampling = SamplingConfig(steps=2, cfg_scale=3.0)
+    path = write_demo(pipe, sampling, 0, tmp_path / "demo.png", prompts=prompts, per_prompt=3)
+    image = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    assert image.shape[1] > 3 * 128 and image.shape[0] > 2 * 128  # enlarged 16 px cells
+    text = read_png_text(path)
+    assert text["prompts"] == " | ".join(prompts)
+    assert text["steps"] == "2"

@@ -1,0 +1,248 @@
+"""The HTTP API on tiny real exports: health, config, generate, every 4xx/503/504 path, and
+concurrent requests each answered with the image of its own seed."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from exports import RESOLUTION, cached_exports, one_torch_thread
+from fastapi.testclient import TestClient
+
+from pipeline.png import read_png_text
+from pipeline.server import ServerSettings, create_app
+from pipeline.text2image import Text2Image
+
+SETTINGS = ServerSettings(max_steps=8, default_steps=2, max_n=3, max_prompt_chars=40)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    return cached_exports(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pipe(folders) -> Text2Image:
+    return Text2Image.from_exports(folders, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    with TestClient(create_app(pipe, SETTINGS)) as client:
+        yield client
+
+
+class GatedPipeline:
+    """Blocks every generation until ``gate`` is set (a slow GPU on demand), then answers
+    at once with images made beforehand, so no timing depends on this machine's speed."""
+
+    def __init__(self, pipe: Text2Image):
+        self.device, self.hashes, self.resolution = pipe.device, pipe.hashes, pipe.resolution
+        self.images = pipe.generate(["a"], seed=0, steps=1)
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
+    def generate(self, prompts, **kwargs):
+        self.started.set()
+        self.gate.wait(30)
+        return self.images * len(prompts)
+
+
+def png_of(data_uri: str) -> bytes:
+    prefix = "data:image/png;base64,"
+    assert data_uri.startswith(prefix)
+    return base64.b64decode(data_uri[len(prefix) :])
+
+
+def test_health_reports_models_device_and_hashes(client, pipe):
+    body = client.get("/health").json()
+    assert body["models_loaded"] is True
+    assert body["device"] == "cpu"
+    assert body["hashes"] == pipe.hashes and set(body["hashes"]) == {"vae", "clip", "unet"}
+    assert body["queue"]["capacity"] == SETTINGS.queue_size
+
+
+def test_config_gives_ranges_and_defaults(client):
+    body = client.get("/config").json()
+    assert body["steps"] == {"min": 1, "max": 8, "default": 2}
+    assert body["n"]["max"] == 3 and body["prompt"]["max_chars"] == 40
+    assert body["samplers"] == ["euler", "heun"] and body["resolution"] == RESOLUTION
+
+
+def test_generate_returns_png_data_uris_with_settings(client, pipe):
+    request = {"prompt": "red apple", "negative_prompt": "blue", "seed": 21, "n": 2}
+    response = client.post("/generate", json={**request, "steps": 3, "cfg_scale": 6.5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [image["seed"] for image in body["images"]] == [21, 22]
+    assert body["settings"]["steps"] == 3 and body["settings"]["sampler"] == "euler"
+    assert body["hashes"] == pipe.hashes
+    png = png_of(body["images"][1]["data_uri"])
+    text = read_png_text(png)
+    assert (text["prompt"], text["negative_prompt"], text["seed"]) == ("red apple", "blue", "22")
+    assert text["cfg_scale"] == "6.5" and text["unet_hash"] == pipe.hashes["unet"]
+    # The server adds nothing random: the same request through the pipeline gives the same PNG.
+    direct = pipe.generate(
+        ["red apple"] * 2, negative_prompt="blue", seed=21, steps=3, cfg_scale=6.5
+    )
+    assert png == direct[1].png()
+
+
+def test_same_seed_same_image_and_a_seed_is_picked_when_none_given(client):
+    def first(body):
+        response = client.post("/generate", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["images"][0]
+
+    a, b = first({"prompt": "black heart", "seed": 5}), first({"prompt": "black heart", "seed": 5})
+    assert a["data_uri"] == b["data_uri"]
+    picked = first({"prompt": "black heart"})
+    assert isinstance(picked["seed"], int) and picked["seed"] >= 0
+    assert (
+        first({"prompt": "black heart", "seed": picked["seed"]})["data_uri"] == picked["data_uri"]
+    )
+
+
+@pytest.mark.parametrize("how", ["accept", "format"])
+def test_raw_png_when_asked(client, how):
+    body = {"prompt": "red apple", "seed": 3}
+    if how == "format":
+        response = client.post("/generate", json={**body, "format": "png"})
+    else:
+        response = client.post("/generate", json=body, headers={"Accept": "image/png"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["x-seed"] == "3"
+    assert read_png_text(response.content)["seed"] == "3"
+
+
+def test_raw_png_needs_n_1(client):
+    response = client.post("/generate", json={"prompt": "x", "n": 2, "format": "png"})
+    assert response.status_code == 422
+    assert "n: must be 1" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 41}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "x", "negative_prompt": "y" * 41}, "negative_prompt"),
+        ({"prompt": "x", "steps": 0}, "steps"),
+        ({"prompt": "x", "steps": 9}, "steps"),
+        ({"prompt": "x", "steps": "many"}, "steps"),
+        ({"prompt": "x", "cfg_scale": 21}, "cfg_scale"),
+        ({"prompt": "x", "cfg_scale": -1}, "cfg_scale"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "n": 4}, "n"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "sampler": "ddim"}, "sampler"),
+        ({"prompt": "x", "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_requests_get_a_readable_422(client, body, field):
+    response = client.post("/generate", json=body)
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail.startswith(f"{field}:"), detail
+
+
+def test_malformed_json_is_a_422(client):
+    response = client.post(
+        "/generate", content=b'{"prompt": ', headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "JSON" in response.json()["detail"]
+
+
+def test_oversized_body_is_a_413_by_header_and_by_stream(client):
+    big = b'{"prompt": "' + b"x" * (SETTINGS.max_body_bytes + 10) + b'"}'
+    response = client.post("/generate", content=big, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert "larger than" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit must hold while reading the stream
+        yield big[:100]
+        yield big[100:]
+
+    response = client.post(
+        "/generate", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert "larger than" in response.json()["detail"]
+
+
+def test_full_queue_is_a_503_and_queued_work_still_finishes(pipe):
+    slow = GatedPipeline(pipe)
+    app = create_app(slow, ServerSettings(queue_size=1, default_steps=2))
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(client.post, "/generate", json={"prompt": "a", "seed": 1})
+        assert slow.started.wait(10)
+        queued = pool.submit(client.post, "/generate", json={"prompt": "b", "seed": 2})
+        deadline = time.monotonic() + 10
+        while app.state.worker.pending < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = client.post("/generate", json={"prompt": "c", "seed": 3})
+        assert refused.status_code == 503
+        assert "busy" in refused.json()["detail"] and refused.headers["retry-after"]
+        slow.gate.set()
+        assert running.result().status_code == 200
+        assert queued.result().status_code == 200
+
+
+def test_slow_generation_is_a_504(pipe):
+    slow = GatedPipeline(pipe)
+    app = create_app(slow, ServerSettings(timeout_s=0.2, default_steps=2))
+    with TestClient(app) as client:
+        response = client.post("/generate", json={"prompt": "a"})
+        assert response.status_code == 504
+        assert "0.2 s" in response.json()["detail"]
+        slow.gate.set()
+        # The worker is free again afterwards.
+        assert client.post("/generate", json={"prompt": "a", "seed": 0}).status_code == 200
+
+
+def test_a_failing_generation_is_a_500_with_the_reason(pipe):
+    class Failing(GatedPipeline):
+        def generate(self, prompts, **kwargs):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    with TestClient(create_app(Failing(pipe), ServerSettings(default_steps=2))) as client:
+        response = client.post("/generate", json={"prompt": "a"})
+        assert response.status_code == 500
+        assert "out of memory" in response.json()["detail"]
+        assert client.get("/health").status_code == 200
+
+
+def test_concurrent_requests_each_get_their_own_image(client, pipe):
+    seeds = list(range(100, 106))
+    expected = {s: pipe.generate(["red apple"], seed=s, steps=2)[0].png() for s in seeds}
+
+    def ask(seed):
+        return seed, client.post("/generate", json={"prompt": "red apple", "seed": seed})
+
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        answers = list(pool.map(ask, seeds))
+    for seed, response in answers:
+        assert response.status_code == 200, response.text
+        image = response.json()["images"][0]
+        assert image["seed"] == seed
+        assert png_of(image["data_uri"]) == expected[seed]
+
+
+def test_page_and_its_assets_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="generate"' in page.text
+    assert client.get("/static/app.js").status_code == 200
