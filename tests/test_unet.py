@@ -32,6 +32,18 @@ from stages.unet.stage import UNetStage, UNetStageConfig, UpstreamMismatch, reso
 from stages.vae.export import load_vae, save_vae_export
 from stages.vae.model import AutoencoderKL, VAEModelConfig
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from more intra-op threads, and on a busy shared CPU
+    OpenMP's spinning threads make every small op wait for a time slice (measured: this
+    file takes 9 s with one thread and 137 s with two on a loaded 2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ------------------------------------------------------------------------------- model
 
 

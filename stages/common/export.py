@@ -10,6 +10,7 @@ place, so a half-written export never exists. Nothing here unpickles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,20 @@ class ExportError(ValueError):
     """An export folder is missing, incomplete, corrupt, of the wrong stage or mismatched."""
 
 
+def export_hash(
+    files: Mapping[str, str], info: Mapping[str, Any], upstream: Mapping[str, str]
+) -> str:
+    """The identity of an export: every file's sha256 plus what it tells the next stage.
+
+    Latent statistics live in ``info``, so a VAE export whose weights stayed but whose
+    statistics changed is a different export to the UNet trained on it.
+    """
+    payload = json.dumps(
+        {"files": dict(files), "info": dict(info), "upstream": dict(upstream)}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def write_export(
     folder: Path,
     stage: str,
@@ -42,7 +57,7 @@ def write_export(
     extra_files: Mapping[str, Path] | None = None,
     extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> str:
-    """Write an export atomically; returns its hash (the sha256 of ``model.safetensors``).
+    """Write an export atomically; returns its hash (see ``export_hash``).
 
     ``info`` is what the next stage needs (latent statistics, widths, ...); ``upstream``
     maps upstream stage names to their export hashes; ``extra_files`` are copied in and
@@ -63,13 +78,14 @@ def write_export(
     for path in tmp.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+    info, upstream = dict(info or {}), dict(upstream or {})
     manifest = {
         "format": EXPORT_FORMAT,
         "stage": stage,
-        "hash": files[WEIGHTS],
+        "hash": export_hash(files, info, upstream),
         "files": files,
-        "info": dict(info or {}),
-        "upstream": dict(upstream or {}),
+        "info": info,
+        "upstream": upstream,
     }
     write_json_atomic(tmp / "manifest.json", manifest)
     if folder.exists():
@@ -101,6 +117,9 @@ def read_export(folder: Path, stage: str, verify: bool = True) -> dict[str, Any]
             f"stage {manifest.get('stage')!r})"
         )
     if verify:
+        expected = export_hash(manifest["files"], manifest["info"], manifest["upstream"])
+        if manifest.get("hash") != expected:
+            raise ExportError(f"{path}: its hash does not match its contents (edited manifest)")
         for name, digest in manifest["files"].items():
             file = folder / name
             if not file.exists():
