@@ -29,9 +29,9 @@ setup: $(STAMP)
 
 # The registry's default torch build (runs on CPU and GPUs); an empty PIP_FIND_LINKS keeps a
 # CPU-only wheel lying on the machine out, since torchvision will not import against it.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	PIP_FIND_LINKS= $(PY) -m pip install --disable-pip-version-check -q -e '.[dev,serve]'
+	PIP_FIND_LINKS= $(PY) -m pip install --disable-pip-version-check -q -e '.[dev,serve,bench]'
 	touch $@
 
 # `make data` builds the data set of the chosen preset's resolution (32 px for tiny, whose

@@ -75,7 +75,7 @@ def table(rows: list[Row]) -> list[str]:
         note = row.case.note
         if row.case.flops:
             rates = "/".join(f"{row.case.flops / row.reported[i] / 1e9:.0f}" for i in row.reported)
-            note = f"{row.case.flops / 1e9:.0f} GFLOP/step; {rates} GFLOP/s ours/peer"
+            note = f"{row.case.flops / 1e9:.3g} GFLOP/step; {rates} GFLOP/s ours/peer"
         lines.append(
             f"| {row.case.name} | {row.reported['ours']:.2f} | {row.reported['peer']:.2f} "
             f"| **{row.ratio:.2f}x** | {_mib(row.memory, 'ours')} | {_mib(row.memory, 'peer')} "
@@ -102,8 +102,9 @@ def section(
     body = [title, "", *environment(settings, command, load), f"- wall time: {seconds:.0f} s", ""]
     if rows:
         body += [
-            "ratio = diffusers time / our time (> 1: we are faster). Times are medians of the "
-            "repetitions (after the warm-up), ours and diffusers alternating in one process. "
+            "ratio = median over repetitions of diffusers time / our time, each pair run back "
+            "to back (> 1: we are faster). Times are medians of the repetitions (after the "
+            "warm-up), ours and diffusers alternating in one process. "
             "Memory: state = resident after build and warm-up (weights, optimiser moments), "
             "run = high-water mark of a timed run above that (activations, gradients, "
             "workspace); state + run = the impl's peak on its own.",
