@@ -21,18 +21,10 @@ from typing import Any
 
 import webdataset as wds
 
-from stages.common.shards import ShardInfo, sha256_file, write_json_atomic
+from stages.common.shards import ShardInfo, fsync_path, sha256_file, write_json_atomic
 
 LEDGER_NAME = ".progress.json"
 TAR_MTIME = 1_700_000_000  # any fixed time: reproducible tar bytes
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -65,7 +57,7 @@ class ShardWriter:
         self._file.close()
         final = self.folder / self.name
         os.replace(self.tmp_path, final)
-        _fsync_dir(self.folder)
+        fsync_path(self.folder)
         return ShardInfo(self.name, self.samples, sha256_file(final))
 
     def abort(self) -> None:

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .shards import sha256_file
+from .shards import fsync_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,6 @@ def join_tree(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_tree(folder: Path, stem: str, tree: Any) -> None:
     """``<stem>.json`` (+ ``<stem>.safetensors`` when there are tensors), both fsynced."""
     if not _STEM.match(stem):
@@ -118,7 +110,7 @@ def write_tree(folder: Path, stem: str, tree: Any) -> None:
     skeleton, tensors = split_tree(tree)
     if tensors:
         save_file(tensors, str(folder / f"{stem}.safetensors"))
-        _fsync(folder / f"{stem}.safetensors")
+        fsync_path(folder / f"{stem}.safetensors")
     with open(folder / f"{stem}.json", "w") as f:
         json.dump(skeleton, f)
         f.flush()
@@ -199,11 +191,11 @@ def _commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(final, aside)
         os.replace(tmp, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 def keep_set(manifests: Mapping[str, Mapping[str, Any]], keep_last: int) -> set[str]:
@@ -291,7 +283,7 @@ class CheckpointManager:
                 json.dump(manifest, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync(tmp)
+            fsync_path(tmp)
             _commit(tmp, final)
             _rotate(self.root, self.keep_last)
             if self.mirror is not None:
@@ -310,12 +302,12 @@ class CheckpointManager:
             tmp.mkdir()
             for name, digest in manifest["files"].items():
                 shutil.copyfile(src / name, tmp / name)
-                _fsync(tmp / name)
+                fsync_path(tmp / name)
                 if sha256_file(tmp / name) != digest:
                     raise CheckpointError(f"mirror copy of {name} does not match its sha256")
             shutil.copyfile(src / MANIFEST, tmp / MANIFEST)
-            _fsync(tmp / MANIFEST)
-            _fsync(tmp)
+            fsync_path(tmp / MANIFEST)
+            fsync_path(tmp)
             _commit(tmp, dst)
             _rotate(self.mirror, self.keep_last)
         except (OSError, CheckpointError) as err:

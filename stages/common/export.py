@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import to_dict
-from .shards import sha256_file, write_json_atomic
+from .shards import fsync_path, sha256_file, write_json_atomic
 
 EXPORT_FORMAT = "minisd-export/1"
 WEIGHTS = "model.safetensors"
@@ -76,8 +76,7 @@ def write_export(
         save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp / name))
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(path)
     info, upstream = dict(info or {}), dict(upstream or {})
     manifest = {
         "format": EXPORT_FORMAT,
