@@ -386,6 +386,7 @@ loss, _ = contrastive_loss(local_images, local_texts, torch.tensor(10.0))
 loss.backward()
 grads = {"loss": loss.detach(), "images": local_images.grad, "texts": local_texts.grad}
 save_file(grads, f"{out}/rank{rank}.safetensors")
+dist.barrier()  # neither rank tears gloo down while the other still talks to it
 dist.destroy_process_group()
 """
 
