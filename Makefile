@@ -1,18 +1,28 @@
 # The user's surface. Every target depends on `setup`, so a fresh clone needs nothing else.
+# CFG and STEPS left empty take the preset's sampling defaults (configs/<preset>/sample.toml).
 # Stage targets are file targets on their export manifest: `make unet` builds only what is
 # missing upstream, and re-running an interrupted target resumes it from its checkpoint.
 
 PRESET ?= tiny
 RUNS   ?= runs
 DATA_ROOT ?= data
-ifeq ($(PRESET),tiny)
-DATA   ?= $(DATA_ROOT)/emoji-32
-else
-DATA   ?= $(DATA_ROOT)/emoji-512
-endif
-PROMPT ?= a red apple; flat colour emoji
-CFG    ?= 5.0
-STEPS  ?= 20
+# The emoji resolution each preset trains at (others: 512 px, resized on load).
+RES_tiny := 32
+RES_cifar-ddpm-17m := 32
+RES_pokepixels-9m := 64
+RES_ddpm-58m := 64
+RES_vdm := 64
+DATA   ?= $(DATA_ROOT)/emoji-$(or $(RES_$(PRESET)),512)
+# What the preset's UNet needs upstream, read from its unet.toml: a pixel-space UNet
+# (autoencoder = "identity") needs no VAE export, an unconditional one (text = false) no
+# CLIP export; its FD is then measured in the tiny preset's CLIP image space (EVAL_CLIP).
+UNET_TOML := configs/$(PRESET)/unet.toml
+PIXEL  := $(shell grep -qs '^autoencoder *= *"identity"' $(UNET_TOML) && echo 1)
+UNCOND := $(shell grep -qs '^text *= *false' $(UNET_TOML) && echo 1)
+EVAL_CLIP ?= $(RUNS)/tiny/clip/export
+PROMPT ?= $(if $(UNCOND),,a red apple; flat colour emoji)
+CFG    ?=
+STEPS  ?=
 SEED   ?= 42
 OUT    ?= out.png
 PORT   ?= 8000
@@ -52,12 +62,22 @@ $(call EXPORT,vae): | $(STAMP) $(DATA)/train/manifest.json
 $(call EXPORT,clip): $(call EXPORT,vae) | $(STAMP)
 	$(PY) -m stages.clip --preset $(PRESET) --data $(DATA) --runs $(RUNS) $(ARGS)
 
-$(call EXPORT,unet): $(call EXPORT,vae) $(call EXPORT,clip) | $(STAMP)
-	$(PY) -m stages.unet --preset $(PRESET) --data $(DATA) --runs $(RUNS) $(ARGS)
+UNET_DEPS := $(if $(PIXEL),$(DATA)/train/manifest.json,$(call EXPORT,vae)) \
+	$(if $(UNCOND),$(EVAL_CLIP)/manifest.json,$(call EXPORT,clip))
+UNET_EVAL := $(if $(UNCOND),eval.clip_export=$(EVAL_CLIP))
+
+$(call EXPORT,unet): $(UNET_DEPS) | $(STAMP)
+	$(PY) -m stages.unet --preset $(PRESET) --data $(DATA) --runs $(RUNS) $(UNET_EVAL) $(ARGS)
+
+# The FD of unconditional presets is measured in the tiny preset's CLIP image space.
+ifneq ($(PRESET),tiny)
+$(RUNS)/tiny/clip/export/manifest.json: | $(STAMP)
+	$(MAKE) clip PRESET=tiny RUNS=$(RUNS) DATA_ROOT=$(DATA_ROOT) ARGS=
+endif
 
 sample: $(call EXPORT,unet) | $(STAMP)
 	$(PY) -m pipeline generate "$(PROMPT)" --preset $(PRESET) --runs $(RUNS) \
-		--cfg-scale $(CFG) --steps $(STEPS) --seed $(SEED) --out $(OUT)
+		$(if $(CFG),--cfg-scale $(CFG)) $(if $(STEPS),--steps $(STEPS)) --seed $(SEED) --out $(OUT)
 
 serve: $(call EXPORT,unet) | $(STAMP)
 	$(PY) -m pipeline serve --preset $(PRESET) --runs $(RUNS) --port $(PORT)

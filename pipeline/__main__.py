@@ -25,7 +25,7 @@ import torch
 
 from stages.common.config import ConfigError, load_config
 from stages.common.export import ExportError
-from stages.unet.flow import SAMPLERS, SamplingConfig
+from stages.unet.samplers import SAMPLERS, SamplingConfig
 
 from .load import ExportFolders
 from .png import make_grid, save_png
@@ -56,6 +56,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser, with_prompt_options: boo
     group.add_argument("--seed", type=int, help="seed of the first image (image i: seed + i)")
     group.add_argument("--sampler", choices=sorted(SAMPLERS))
     group.add_argument("--shift", type=float, help="timestep shift (1 = none)")
+    group.add_argument("--eta", type=float, help="DDIM noise in [0, 1] (sampler ddim only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="prompt -> PNG")
-    gen.add_argument("prompt")
+    gen.add_argument(
+        "prompt", nargs="?", default="", help='omit (or "") for an unconditional model'
+    )
     gen.add_argument("--n", type=int, default=1, help="images (seeds seed .. seed + n - 1)")
     gen.add_argument("--out", type=Path, default=Path("out.png"))
     layout = gen.add_mutually_exclusive_group()
@@ -101,6 +104,7 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
         "cfg_scale": args.cfg_scale,
         "sampler": args.sampler,
         "shift": args.shift,
+        "eta": args.eta,
         "seed": args.seed,
         "device": args.device,
         "precision": args.precision,
@@ -139,6 +143,7 @@ def _generate(
         cfg_scale=sampling.cfg_scale,
         sampler=sampling.sampler,
         shift=sampling.shift,
+        eta=sampling.eta,
     )
 
 
@@ -203,6 +208,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pipe, _, sampling = load_pipeline(args)
     settings = ServerSettings(
         default_steps=sampling.steps,
+        max_steps=max(100, sampling.steps),  # DDPM's ancestral sampler takes 1000
+        conditional=pipe.conditional,
         default_cfg_scale=sampling.cfg_scale,
         default_sampler=sampling.sampler,
         shift=sampling.shift,

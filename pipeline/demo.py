@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.unet.flow import SamplingConfig
+from stages.unet.samplers import SamplingConfig
 
 from .png import save_png
 from .text2image import Text2Image

@@ -6,7 +6,8 @@ file whose first bytes are not a safetensors header (a pickle renamed, a torch z
 is refused with an ``ExportError`` naming the file, and nothing is ever unpickled. Then the
 UNet's recorded upstream hashes are compared with the VAE and CLIP exports actually given (a
 mismatch names both hashes and the folder), and the stage loaders verify every file's sha256
-before reading it.
+before reading it. A pixel-space UNet (``inputs.autoencoder = "identity"``) needs no VAE
+export and an unconditional one no CLIP export: the UNet's manifest says which it needs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from stages.clip.export import LoadedCLIP, load_clip
 from stages.common.export import ExportError, check_upstream, read_export
 from stages.unet.export import LoadedUNet, load_unet
-from stages.vae.export import LoadedVAE, load_vae
+from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
 
 STAGES = ("vae", "clip", "unet")
 # Formats that unpickle on load (torch.save, pickle, joblib): never opened, only refused.
@@ -49,13 +50,14 @@ class ExportFolders:
 
 @dataclass(frozen=True)
 class Models:
-    vae: LoadedVAE
-    clip: LoadedCLIP
+    vae: LoadedVAE | IdentityAutoencoder  # identity: a pixel-space UNet
+    clip: LoadedCLIP | None  # None: an unconditional UNet
     unet: LoadedUNet
 
     @property
     def hashes(self) -> dict[str, str]:
-        return {"vae": self.vae.hash, "clip": self.clip.hash, "unet": self.unet.hash}
+        clip = self.clip.hash if self.clip is not None else "none"
+        return {"vae": self.vae.hash, "clip": clip, "unet": self.unet.hash}
 
 
 def _describe_magic(head: bytes) -> str:
@@ -105,40 +107,54 @@ def screen_export_folder(folder: Path, stage: str) -> None:
             check_safetensors_header(path)
 
 
+def needed_stages(unet_manifest: dict[str, Any]) -> list[str]:
+    """The upstream exports a UNet export was trained with (from its recorded inputs)."""
+    inputs = unet_manifest.get("info", {}).get("inputs", {"autoencoder": "vae", "text": True})
+    return [
+        stage
+        for stage, needed in (
+            ("vae", inputs.get("autoencoder") == "vae"),
+            ("clip", inputs.get("text")),
+        )
+        if needed
+    ]
+
+
 def read_manifests(folders: ExportFolders, verify: bool = False) -> dict[str, dict[str, Any]]:
-    """Screen and read the three manifests; check the UNet's upstream hashes.
+    """Screen and read the UNet's manifest and those of the exports it needs; check its
+    upstream hashes.
 
     Hashing the weights is left to the stage loaders (each verifies every file's sha256
     before reading it), so big exports are hashed once.
     """
-    manifests = {}
-    for stage, folder in folders.items():
+    screen_export_folder(folders.unet, "unet")
+    manifests = {"unet": read_export(folders.unet, "unet", verify=verify)}
+    for stage in needed_stages(manifests["unet"]):
+        folder = getattr(folders, stage)
         screen_export_folder(folder, stage)
         manifests[stage] = read_export(folder, stage, verify=verify)
-    for upstream in ("vae", "clip"):
-        check_upstream(
-            manifests["unet"], upstream, manifests[upstream]["hash"], getattr(folders, upstream)
-        )
+        check_upstream(manifests["unet"], stage, manifests[stage]["hash"], folder)
     return manifests
 
 
 def load_models(folders: ExportFolders, device: torch.device | str = "cpu") -> Models:
-    """Screen, verify and load the three exports onto ``device``."""
+    """Screen, verify and load the exports the UNet needs onto ``device``."""
     manifests = read_manifests(folders)
     device = torch.device(device)
-    vae = load_vae(folders.vae, device=device)
-    clip = load_clip(folders.clip, device=device)
+    vae = load_vae(folders.vae, device=device) if "vae" in manifests else None
+    clip = load_clip(folders.clip, device=device) if "clip" in manifests else None
     unet = load_unet(
         folders.unet,
-        vae_hash=manifests["vae"]["hash"],
-        clip_hash=manifests["clip"]["hash"],
+        vae_hash=vae.hash if vae is not None else None,
+        clip_hash=clip.hash if clip is not None else None,
         device=device,
     )
+    autoencoder = vae if vae is not None else IdentityAutoencoder(device)
     channels, side, _ = unet.latent_shape
-    if channels != vae.channels or side * vae.factor != unet.resolution:
+    if channels != autoencoder.channels or side * autoencoder.factor != unet.resolution:
         raise ExportError(
             f"{folders.unet} denoises latents {unet.latent_shape} for {unet.resolution} px "
-            f"images, which the VAE export at {folders.vae} (factor {vae.factor}, "
-            f"{vae.channels} channels) does not decode"
+            f"images, which the VAE export at {folders.vae} (factor {autoencoder.factor}, "
+            f"{autoencoder.channels} channels) does not decode"
         )
-    return Models(vae=vae, clip=clip, unet=unet)
+    return Models(vae=autoencoder, clip=clip, unet=unet)

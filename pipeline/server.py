@@ -70,12 +70,13 @@ class ServerSettings:
     max_cfg_scale: float = 20.0
     default_cfg_scale: float = 5.0
     max_n: int = 4
-    samplers: tuple[str, ...] = ("euler", "heun")
+    samplers: tuple[str, ...] = ("euler", "heun", "ddim", "ancestral")
     default_sampler: str = "euler"
     shift: float | None = None  # timestep shift; None: the UNet export's recorded default
     queue_size: int = 8  # jobs waiting behind the running one before 503
     timeout_s: float = 300.0  # per request, queueing included, before 504
     max_body_bytes: int = 16 * 1024
+    conditional: bool = True  # False (an unconditional UNet): the prompt must be empty
 
 
 def request_model(settings: ServerSettings) -> type[BaseModel]:
@@ -87,8 +88,12 @@ def request_model(settings: ServerSettings) -> type[BaseModel]:
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        prompt: Annotated[prompt_text, Field(min_length=1)]
-        negative_prompt: prompt_text = ""
+        if settings.conditional:
+            prompt: Annotated[prompt_text, Field(min_length=1)]
+            negative_prompt: prompt_text = ""
+        else:  # an unconditional model: no text at all
+            prompt: Annotated[str, Field(max_length=0)] = ""
+            negative_prompt: Annotated[str, Field(max_length=0)] = ""
         steps: int = Field(settings.default_steps, ge=settings.min_steps, le=settings.max_steps)
         cfg_scale: float = Field(
             settings.default_cfg_scale,
@@ -106,7 +111,7 @@ def request_model(settings: ServerSettings) -> type[BaseModel]:
 
 def config_payload(settings: ServerSettings, pipeline: Pipeline) -> dict[str, Any]:
     return {
-        "prompt": {"max_chars": settings.max_prompt_chars},
+        "prompt": {"max_chars": settings.max_prompt_chars if settings.conditional else 0},
         "negative_prompt": {"max_chars": settings.max_prompt_chars},
         "steps": {
             "min": settings.min_steps,

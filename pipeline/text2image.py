@@ -5,9 +5,13 @@
     x_1    = noise (B, C, h, w); image i draws it from a CPU torch.Generator seeded seed + i,
              so a seed fixes the starting noise whatever the batch, device or precision
              (bitwise-equal images on one device; close ones across devices)
-    x_0    = sampler(cfg_velocity(unet, cond, uncond, s), x_1, steps, shift)
-             v = v_u + s (v_c - v_u), both branches in one batched forward
+    x_0    = sampler(cfg_velocity(unet.velocity(), cond, uncond, s), x_1, grid, rng, eta)
+             v = v_u + s (v_c - v_u), both branches in one batched forward; the grid is the
+             objective's schedule's (flow matching, DDPM, VDM), rng seeded per image too
     image  = vae.decode(vae.denormalize(x_0))             undo (z - mean) / std, then decode
+
+An unconditional UNet takes no prompt (give "" or None per image) and no guidance; a
+pixel-space one has no VAE (the identity autoencoder).
 
 Sampling runs under autocast (bf16/fp16) on a GPU when asked; the sampler state and the VAE
 decode stay fp32 (fp16 VAE decoders overflow).
@@ -25,7 +29,15 @@ import torch
 from PIL import Image
 
 from stages.clip.export import TextCondition
-from stages.unet.flow import SAMPLERS, SamplingConfig, cfg_velocity, seeded_noise
+from stages.unet.samplers import (
+    SAMPLERS,
+    RowNoise,
+    SamplerName,
+    SamplingConfig,
+    cfg_velocity,
+    check_sampling,
+    seeded_noise,
+)
 
 from .load import ExportFolders, Models, load_models
 from .png import encode_png
@@ -43,8 +55,9 @@ class SampleConfig:
 
     steps: int | None = None
     cfg_scale: float | None = None
-    sampler: Literal["euler", "heun"] | None = None
+    sampler: SamplerName | None = None
     shift: float | None = None  # timestep shift t' = s t / (1 + (s - 1) t); > 1 for big images
+    eta: float | None = None  # DDIM's noise (sampler "ddim" only)
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Precision = "auto"
@@ -54,7 +67,7 @@ class SampleConfig:
 
     def sampling(self, recorded: SamplingConfig) -> SamplingConfig:
         """``recorded`` (the export's defaults) with this config's set fields on top."""
-        fields = ("steps", "cfg_scale", "sampler", "shift")
+        fields = ("steps", "cfg_scale", "sampler", "shift", "eta")
         return replace(
             recorded, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}
         )
@@ -137,10 +150,16 @@ class Text2Image:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    @property
+    def conditional(self) -> bool:
+        return self.models.clip is not None
+
     def _conditions(
         self, prompts: list[str], negatives: list[str]
-    ) -> tuple[TextCondition, TextCondition]:
+    ) -> tuple[TextCondition | None, TextCondition | None]:
         clip = self.models.clip
+        if clip is None:
+            return None, None
         cond = clip.encode_text(prompts)
         if any(negatives):
             # A negative prompt replaces the null condition; "" encodes to the null itself.
@@ -159,20 +178,22 @@ class Text2Image:
         cfg_scale: float | None = None,
         sampler: str | None = None,
         shift: float | None = None,
+        eta: float | None = None,
     ) -> list[Generated]:
-        """One image per prompt; image i uses seed ``seed + i``; None: the export's default."""
+        """One image per prompt; image i uses seed ``seed + i``; None: the export's default.
+
+        An unconditional model takes empty prompts (one per image) and no negative prompt.
+        """
         defaults = self.defaults
         steps = defaults.steps if steps is None else steps
         cfg_scale = defaults.cfg_scale if cfg_scale is None else cfg_scale
         sampler = defaults.sampler if sampler is None else sampler
         shift = defaults.shift if shift is None else shift
+        eta = (defaults.eta if sampler == defaults.sampler else 0.0) if eta is None else eta
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("generate needs at least one prompt")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
+        check_sampling(sampler, steps, eta)
         if negative_prompt is None or isinstance(negative_prompt, str):
             negatives = [negative_prompt or ""] * len(prompts)
         else:
@@ -182,12 +203,19 @@ class Text2Image:
                     f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one "
                     "or one per prompt"
                 )
+        if not self.conditional and (any(prompts) or any(negatives)):
+            raise ValueError(
+                "this UNet is unconditional (trained without a text encoder): give empty "
+                "prompts and no negative prompt"
+            )
         seeds = [seed + i for i in range(len(prompts))]
         cond, uncond = self._conditions(prompts, negatives)
         noise = seeded_noise(self.latent_shape, seeds).to(self.device)
-        velocity = cfg_velocity(self.models.unet.model, cond, uncond, cfg_scale)
+        unet = self.models.unet
+        velocity = cfg_velocity(unet.velocity(), cond, uncond, cfg_scale)
+        grid = unet.objective.schedule.grid(steps, shift, self.device)
         with self._autocast():
-            latents = SAMPLERS[sampler](velocity, noise, steps, shift)
+            latents = SAMPLERS[sampler](velocity, noise, grid, RowNoise(seeds), eta)
         vae = self.models.vae
         images = vae.decode(vae.denormalize(latents.float()))
         hashes = self.hashes
@@ -202,6 +230,8 @@ class Text2Image:
                     "cfg_scale": str(cfg_scale),
                     "sampler": sampler,
                     "shift": str(shift),
+                    "eta": str(eta),
+                    "objective": unet.objective.config.kind,
                     "vae_hash": hashes["vae"],
                     "clip_hash": hashes["clip"],
                     "unet_hash": hashes["unet"],

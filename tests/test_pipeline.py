@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from pipeline.png import read_png_text
 from pipeline.text2image import Text2Image
 from stages.common.export import ExportError
 from stages.common.shards import sha256_file
-from stages.unet.flow import SamplingConfig
+from stages.unet.samplers import SamplingConfig
 
 STEPS = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_defaults_come_from_the_unet_export(pipe):
 
 def test_bad_arguments_are_refused(pipe):
     with pytest.raises(ValueError, match="unknown sampler"):
-        pipe.generate(["x"], sampler="ddim", steps=2)
+        pipe.generate(["x"], sampler="dpm++", steps=2)
     with pytest.raises(ValueError, match="steps"):
         pipe.generate(["x"], steps=0)
     with pytest.raises(ValueError, match="negative prompts"):
@@ -206,9 +207,15 @@ def test_pickle_file_given_as_export_is_refused(folders, tmp_path):
     assert not (tmp_path / "unpickled").exists()
 
 
-def test_missing_export_says_how_to_build_it(tmp_path):
-    with pytest.raises(ExportError, match="make vae"):
-        load_models(ExportFolders.from_runs(tmp_path, PRESET))
+def test_missing_export_says_how_to_build_it(folders, tmp_path):
+    # The UNet's manifest says which upstream exports it needs, so it is looked for first.
+    with pytest.raises(ExportError, match="make unet"):
+        load_models(ExportFolders.from_runs(tmp_path / "empty", PRESET))
+    for stage in ("vae", "clip"):
+        copy = copy_exports(folders, tmp_path / stage)
+        shutil.rmtree(getattr(copy, stage))
+        with pytest.raises(ExportError, match=f"make {stage}"):
+            load_models(copy)
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -255,9 +262,15 @@ def test_cli_grid_and_numbered(folders, tmp_path, capsys):
     assert [read_png_text(tmp_path / n)["seed"] for n in names] == ["9", "10", "11"]
 
 
-def test_cli_reports_a_missing_export(tmp_path, capsys):
+def test_cli_reports_a_missing_export(folders, tmp_path, capsys):
     out = str(tmp_path / "x.png")
     code = main(["generate", "x", "--runs", str(tmp_path), "--preset", PRESET, "--out", out])
+    assert code == 2
+    assert "make unet" in capsys.readouterr().err
+    copy = copy_exports(folders, tmp_path / "copy")
+    shutil.rmtree(copy.vae)
+    runs = str(copy.unet.parents[2])
+    code = main(["generate", "x", "--runs", runs, "--preset", PRESET, "--out", out])
     assert code == 2
     assert "make vae" in capsys.readouterr().err
 

@@ -26,8 +26,9 @@ from stages.unet import cache as cache_module
 from stages.unet.cache import CacheConfig, CachedLatents, encode_batch, ensure_cache
 from stages.unet.evaluate import clip_score, frechet_distance
 from stages.unet.export import load_unet
-from stages.unet.flow import SamplingConfig, cfg_velocity, euler_sample, seeded_noise
 from stages.unet.model import UNet, UNetConfig, count_parameters
+from stages.unet.samplers import SamplingConfig, cfg_velocity, euler_sample, seeded_noise
+from stages.unet.schedules import FlowSchedule
 from stages.unet.stage import UNetStage, UNetStageConfig, UpstreamMismatch, resolve_model
 from stages.vae.export import load_vae, save_vae_export
 from stages.vae.model import AutoencoderKL, VAEModelConfig
@@ -402,9 +403,8 @@ grid_seeds = 2
     weights = load_file(str(run / "export" / "model.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.startswith("conv_out"))
     cond = clip.encode_text(["a red circle", "a blue square"])
-    x0 = euler_sample(
-        cfg_velocity(unet.model, cond, clip.null, 3.0), seeded_noise((4, 8, 8), [1, 2]), 3
-    )
+    velocity = cfg_velocity(unet.velocity(), cond, clip.null, 3.0)
+    x0 = euler_sample(velocity, seeded_noise((4, 8, 8), [1, 2]), FlowSchedule().grid(3))
     assert x0.shape == (2, 4, 8, 8) and torch.isfinite(x0).all()
 
     # Sampling with other exports is refused, naming both hashes.

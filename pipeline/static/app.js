@@ -9,6 +9,7 @@ const errorBox = document.getElementById("error");
 const results = document.getElementById("results");
 const field = (name) => document.getElementById(name);
 let resolution = 0;
+let conditional = true; // false: the model takes no prompt (from /config)
 
 function showError(message) {
   errorBox.textContent = message;
@@ -37,6 +38,14 @@ async function loadConfig() {
   field("seed").max = config.seed.max;
   field("prompt").maxLength = config.prompt.max_chars;
   field("negative_prompt").maxLength = config.negative_prompt.max_chars;
+  conditional = config.prompt.max_chars > 0;
+  if (!conditional) {
+    // An unconditional model: no prompt to type.
+    for (const name of ["prompt", "negative_prompt"]) {
+      field(name).disabled = true;
+      field(name).placeholder = "unconditional model: no prompt";
+    }
+  }
   const sampler = field("sampler");
   sampler.replaceChildren(...config.samplers.map((name) => new Option(name, name)));
   sampler.value = config.default_sampler;
@@ -110,7 +119,7 @@ async function generate(event) {
   event.preventDefault();
   clearError();
   const body = requestBody();
-  if (!body.prompt.trim()) {
+  if (conditional && !body.prompt.trim()) {
     showError("Please type a prompt.");
     return;
   }

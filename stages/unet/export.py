@@ -1,10 +1,12 @@
 """The UNet export and its loader: EMA weights, the model config, the upstream hashes.
 
 ``<run>/unet/export/manifest.json`` records ``upstream = {"vae": <hash>, "clip": <hash>}``,
-the exports the UNet was trained against, and in ``info`` what sampling needs: the model
-config, the latent shape (C, h, w), the image resolution and the default sampling settings.
-``load_unet`` verifies every file's sha256 and refuses a VAE or CLIP export other than the
-recorded ones, naming both hashes; nothing is unpickled.
+the exports the UNet was trained against (a pixel-space run has no "vae", an unconditional
+one no "clip"), and in ``info`` what sampling needs: the model config, the inputs, the
+objective (whose learned schedule, for VDM, is stored as ``schedule.*`` tensors), the latent
+shape (C, h, w), the image resolution and the default sampling settings. ``load_unet``
+verifies every file's sha256 and refuses a VAE or CLIP export other than the recorded
+ones, naming both hashes; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 from stages.common.config import ConfigError, from_dict
 from stages.common.export import ExportError, check_upstream, load_tensors, read_export
 
-from .flow import SamplingConfig
 from .model import UNet, UNetConfig
+from .objectives import Objective, ObjectiveConfig
+from .samplers import SamplingConfig
 
 STAGE = "unet"
 
@@ -33,31 +36,56 @@ class LoadedUNet:
     resolution: int  # image side in pixels after decoding
     sampling: SamplingConfig  # defaults recorded at training time
     info: dict[str, Any]
+    objective: Objective  # turns the network into a flow velocity; holds the schedule
+    autoencoder: str = "vae"  # "identity": pixel space
+    conditional: bool = True  # False: no text encoder
+
+    def velocity(self, clip_x0: bool | None = None):
+        """The network as a flow velocity ``(y, tau, cond) -> v``."""
+        clip = self.sampling.clip_x0 if clip_x0 is None else clip_x0
+        return self.objective.velocity(self.model, clip_x0=clip)
 
 
 def load_unet(
     folder: Path,
-    vae_hash: str,
-    clip_hash: str,
+    vae_hash: str | None,
+    clip_hash: str | None,
     device: torch.device | str = "cpu",
 ) -> LoadedUNet:
-    """Load a verified UNet export trained against exactly these VAE and CLIP exports."""
+    """Load a verified UNet export trained against exactly these VAE and CLIP exports
+    (None where the export needs none: pixel space, unconditional)."""
     folder = Path(folder)
     manifest = read_export(folder, STAGE, verify=True)
-    for name, actual in (("vae", vae_hash), ("clip", clip_hash)):
-        # Names the recorded and the given hash; the given export's folder is unknown here.
-        check_upstream(manifest, name, actual, Path(f"the {name} export given to load_unet"))
     info = manifest.get("info", {})
     try:
+        inputs = info.get("inputs", {"autoencoder": "vae", "text": True})
+        autoencoder, conditional = str(inputs["autoencoder"]), bool(inputs["text"])
         config = from_dict(UNetConfig, info["model"], prefix="model.")
         sampling = from_dict(SamplingConfig, info["sampling"], prefix="sampling.")
+        objective_cfg = from_dict(ObjectiveConfig, info.get("objective", {}), prefix="objective.")
         latent_shape = tuple(int(v) for v in info["latent_shape"])
         resolution = int(info["resolution"])
     except (KeyError, TypeError, ValueError, ConfigError) as err:
         raise ExportError(f"{folder}/manifest.json: malformed UNet info: {err}") from err
+    needed = {"vae": autoencoder == "vae", "clip": conditional}
+    for name, actual in (("vae", vae_hash), ("clip", clip_hash)):
+        if needed[name]:
+            # Names the recorded and the given hash; the given export's folder is unknown here.
+            check_upstream(manifest, name, actual, Path(f"the {name} export given to load_unet"))
     model = UNet(replace(config, gradient_checkpointing=False))
+    objective = Objective(objective_cfg)
+    tensors = load_tensors(folder)
     try:
-        model.load_state_dict(load_tensors(folder), strict=True)
+        model.load_state_dict(
+            {k: v for k, v in tensors.items() if not k.startswith("schedule.")}, strict=True
+        )
+        if objective.learned_schedule is not None:
+            prefix = "schedule."
+            objective.learned_schedule.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+                strict=True,
+            )
+            objective.learned_schedule.requires_grad_(False).eval().to(device)
     except RuntimeError as err:
         raise ExportError(f"{folder}: weights do not match the recorded model: {err}") from err
     model.requires_grad_(False).eval().to(device)
@@ -69,4 +97,7 @@ def load_unet(
         resolution=resolution,
         sampling=sampling,
         info=info,
+        objective=objective,
+        autoencoder=autoencoder,
+        conditional=conditional,
     )

@@ -15,6 +15,10 @@ cross-attention, to the text token states (B, L, D) with the padding mask (True 
 passed to SDPA as a boolean ``attn_mask`` of shape (B, 1, 1, L). Attention is placed at the
 latent resolutions listed in ``attention_resolutions`` (relative to ``sample_size``).
 Convolutions run channels-last; gradient checkpointing is optional.
+
+``context_dim = -1`` builds an unconditional network (no cross-attention, no pooled
+projection; ``cond`` is None), and ``ff_mult = 0`` drops the feed-forward, so an attention
+block is the classic DDPM self-attention block (Ho et al. 2020).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from torch.utils.checkpoint import checkpoint
 @dataclass(frozen=True)
 class UNetConfig:
     # 0 = taken from the upstream exports / data by the stage (latent channels of the VAE,
-    # width of the CLIP text encoder, latent side = data.resolution // VAE factor).
+    # width of the CLIP text encoder, latent side = data.resolution // VAE factor);
+    # context_dim -1 after resolution means unconditional (no text encoder).
     in_channels: int = 0
     context_dim: int = 0
     sample_size: int = 0
@@ -43,7 +48,7 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (8, 4)  # latent sides with (cross-)attention
     head_dim: int = 32  # heads = channels // head_dim
     transformer_depth: int = 1
-    ff_mult: int = 4  # GEGLU feed-forward inner width = ff_mult * channels
+    ff_mult: int = 4  # GEGLU feed-forward inner width = ff_mult * channels; 0: none
     groups: int = 32  # GroupNorm groups (capped by channels)
     dropout: float = 0.0
     time_scale: float = 1000.0  # sinusoid of t * time_scale, t in [0, 1]
@@ -127,21 +132,27 @@ class GEGLU(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention to the text, feed-forward."""
+    """Pre-norm self-attention, cross-attention to the text (if any), feed-forward (if any)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, ff_mult: int, dropout: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.self_attn = Attention(dim, dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, context_dim, heads)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = GEGLU(dim, ff_mult, dropout)
+        self.cross_attn = self.ff = None
+        if context_dim > 0:
+            self.norm2 = nn.LayerNorm(dim)
+            self.cross_attn = Attention(dim, context_dim, heads)
+        if ff_mult > 0:
+            self.norm3 = nn.LayerNorm(dim)
+            self.ff = GEGLU(dim, ff_mult, dropout)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, tokens: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm2(x), tokens, mask)
-        return x + self.ff(self.norm3(x))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm2(x), tokens, mask)
+        return x if self.ff is None else x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -160,7 +171,9 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)  # starts as the identity map
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, tokens: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         _, _, height, width = x.shape
         h = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         for block in self.blocks:
@@ -201,17 +214,20 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """``forward(x_t (B,C,h,w), t (B,) in [0,1], cond) -> v (B,C,h,w)``.
+    """``forward(x_t (B,C,h,w), t (B,) in [0,1], cond) -> prediction (B,C,h,w)``.
 
     ``cond`` is any object with ``tokens`` (B, L, D), ``mask`` (B, L) bool and ``pooled``
-    (B, D): the CLIP export's ``TextCondition``.
+    (B, D): the CLIP export's ``TextCondition``; None for an unconditional network
+    (``context_dim = -1``). What the output means (velocity, noise, v) is the objective's.
     """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        for name in ("in_channels", "context_dim", "sample_size"):
+        for name in ("in_channels", "sample_size"):
             if getattr(cfg, name) <= 0:
                 raise ValueError(f"UNetConfig.{name} must be resolved (> 0), got 0")
+        if cfg.context_dim == 0:
+            raise ValueError("UNetConfig.context_dim must be resolved (> 0, or -1: no text)")
         if cfg.sample_size % 2 ** (len(cfg.channel_mult) - 1):
             raise ValueError(
                 f"UNetConfig.sample_size {cfg.sample_size} is not divisible by "
@@ -223,7 +239,8 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(base, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
         )
-        self.pooled_proj = nn.Linear(cfg.context_dim, temb_dim)
+        self.conditional = cfg.context_dim > 0
+        self.pooled_proj = nn.Linear(cfg.context_dim, temb_dim) if self.conditional else None
         self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
 
         channels = [base * m for m in cfg.channel_mult]
@@ -269,11 +286,16 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         cfg = self.config
-        tokens, mask = cond.tokens.to(x.dtype), cond.mask.to(device=x.device, dtype=torch.bool)
+        if (cond is None) == self.conditional:
+            need = "a text condition" if self.conditional else "cond=None (unconditional)"
+            raise ValueError(f"this UNet needs {need}")
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         temb = self.time_mlp(sinusoidal_embedding(t * cfg.time_scale, cfg.base_channels))
-        temb = temb + self.pooled_proj(cond.pooled.to(temb.dtype))
+        tokens = mask = None
+        if self.conditional:
+            tokens, mask = cond.tokens.to(x.dtype), cond.mask.to(x.device, torch.bool)
+            temb = temb + self.pooled_proj(cond.pooled.to(temb.dtype))
 
         h = self.conv_in(x)
         skips = [h]

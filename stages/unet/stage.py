@@ -1,9 +1,14 @@
-"""Stage 3: the flow-matching UNet over frozen VAE latents and CLIP text states.
+"""Stage 3: the UNet over frozen VAE latents and CLIP text states, or over pixels, or both.
 
 The stage loads the VAE and CLIP exports (refusing a CLIP export trained on another VAE),
 resolves the network's input channels, context width and latent side from them, and holds
 them frozen. Training reads the latent cache (``cache.py``) or, with ``cache.enabled =
 false``, encodes each batch on the fly with the same maths.
+
+``inputs.autoencoder = "identity"`` trains on pixels (no VAE export needed, no latent
+statistics) and ``inputs.text = false`` trains an unconditional model (no CLIP export);
+the objective (``objectives.py``: flow matching, DDPM eps / v, VDM) is a config choice, its
+learned schedule (VDM) a second trained module exported beside the UNet as ``schedule.*``.
 
 The stage contract: the run folder records the upstream export hashes it trained against
 in ``upstream.json``; restarting (resuming) the run against other exports is refused with
@@ -17,12 +22,12 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from stages.clip.export import load_clip
+from stages.clip.export import LoadedCLIP, load_clip
 from stages.common.checkpoint import CheckpointConfig
 from stages.common.config import ConfigError, to_dict
 from stages.common.data import DataConfig, ResumableBatches, ShardLoader
@@ -32,7 +37,7 @@ from stages.common.optim import OptimConfig
 from stages.common.shards import write_json_atomic
 from stages.common.stage import RunContext
 from stages.common.trainer import TrainConfig, unwrap
-from stages.vae.export import load_vae
+from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
 
 from .cache import (
     CacheConfig,
@@ -42,13 +47,22 @@ from .cache import (
     ensure_cache,
     latents_and_condition,
 )
-from .evaluate import EvalConfig, Evaluator, describe
-from .flow import FlowConfig, FlowMatching, SamplingConfig
+from .evaluate import EvalConfig, Evaluator, ImageEmbedder, describe
 from .model import UNet, UNetConfig, count_parameters
+from .objectives import Objective, ObjectiveConfig, objective_time_convention
+from .samplers import SamplingConfig, check_sampling
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_FILE = "upstream.json"
+
+
+@dataclass(frozen=True)
+class InputsConfig:
+    """What the UNet denoises and what it is conditioned on."""
+
+    autoencoder: Literal["vae", "identity"] = "vae"  # identity: pixel space, no VAE export
+    text: bool = True  # false: unconditional, no CLIP export
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,8 @@ class UNetStageConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sample: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -78,7 +93,7 @@ def resolve_model(cfg: UNetConfig, channels: int, context_dim: int, side: int) -
     resolved = {"in_channels": channels, "context_dim": context_dim, "sample_size": side}
     for name, value in resolved.items():
         given = getattr(cfg, name)
-        if given not in (0, value):
+        if given not in (0, value):  # context_dim -1: no text encoder
             raise ConfigError(
                 f"model.{name} = {given} disagrees with the upstream exports/data ({value}); "
                 "leave it at 0 to take it from them"
@@ -120,17 +135,38 @@ class UNetStage:
 
     def __init__(self, config: UNetStageConfig, ctx: RunContext):
         self.ctx = ctx
-        exports = {name: ctx.export_dir(name) for name in ("vae", "clip")}
+        inputs = config.inputs
+        if config.objective.kind == "vdm" and inputs.autoencoder != "identity":
+            raise ConfigError(
+                "objective.kind = vdm reports bits per dimension of 8-bit pixels: it needs "
+                'inputs.autoencoder = "identity" (pixel space)'
+            )
+        needed = (["vae"] if inputs.autoencoder == "vae" else []) + (
+            ["clip"] if inputs.text else []
+        )
+        exports = {name: ctx.export_dir(name) for name in needed}
         for name, folder in exports.items():
             if not (folder / "manifest.json").exists():
                 raise ExportError(
                     f"the UNet stage needs the {name} export at {folder}, which does not "
                     f"exist: run `make {name} PRESET={ctx.preset}` first"
                 )
-        self.vae = load_vae(exports["vae"], device=ctx.device)
-        # A latent-tower CLIP export records the VAE it was trained on: refuse another one.
-        self.clip = load_clip(exports["clip"], device=ctx.device, vae_hash=self.vae.hash)
-        self.hashes = {"vae": self.vae.hash, "clip": self.clip.hash}
+        s = config.sample
+        check_sampling(s.sampler, s.steps, s.eta)
+        self.vae: LoadedVAE | IdentityAutoencoder = (
+            load_vae(exports["vae"], device=ctx.device)
+            if "vae" in exports
+            else IdentityAutoencoder(ctx.device)
+        )
+        self.clip: LoadedCLIP | None = None
+        self.hashes: dict[str, str] = {}
+        if "vae" in exports:
+            self.hashes["vae"] = self.vae.hash
+        if "clip" in exports:
+            # A latent-tower CLIP export records the VAE it was trained on: refuse another.
+            vae_hash = self.vae.hash if "vae" in exports else None
+            self.clip = load_clip(exports["clip"], device=ctx.device, vae_hash=vae_hash)
+            self.hashes["clip"] = self.clip.hash
 
         resolution = config.data.resolution
         if resolution % self.vae.factor:
@@ -139,32 +175,44 @@ class UNetStage:
                 f"{self.vae.factor}"
             )
         side = resolution // self.vae.factor
-        expected = side if self.clip.image_input == "latent" else resolution
-        if self.clip.image_size != expected:
-            raise ConfigError(
-                f"data.resolution {resolution} gives {self.clip.image_input} images of side "
-                f"{expected}, but the CLIP export's image tower takes {self.clip.image_size}"
-            )
-        model = resolve_model(config.model, self.vae.channels, self.clip.width, side)
+        # The CLIP export's image tower only serves evaluation, where images are resized
+        # to its resolution (``ImageEmbedder``); the UNet needs its text width only.
+        context = self.clip.width if self.clip is not None else -1
+        model = resolve_model(config.model, self.vae.channels, context, side)
         self.config = replace(config, model=model)
         self.latent_shape = (self.vae.channels, side, side)
-        self.flow = FlowMatching(config.flow)
+        self.objective = Objective(config.objective)
         self._evaluator: Evaluator | None = None
         self.reference: dict[str, float] = {}
         check_run_upstream(ctx.run_dir, self.hashes, exports)
+
+    @property
+    def uses_cache(self) -> bool:
+        """The latent cache holds VAE posteriors and text states: latent, conditional runs."""
+        return self.config.cache.enabled and self.clip is not None and "vae" in self.hashes
 
     @property
     def evaluator(self) -> Evaluator:
         """Built at the first validation or preview: reads val and computes the reference."""
         if self._evaluator is None:
             cfg = self.config
+            embedder = None
+            if cfg.eval.clip_export:
+                embedder = ImageEmbedder.from_export(Path(cfg.eval.clip_export), self.ctx.device)
+            elif self.clip is not None and "vae" not in self.hashes:
+                # Pixel space: a latent-tower CLIP needs its own VAE, found beside it.
+                embedder = ImageEmbedder.from_export(self.ctx.export_dir("clip"), self.ctx.device)
+            elif self.clip is not None:
+                embedder = ImageEmbedder(self.clip, self.vae)
             self._evaluator = Evaluator(
                 self.vae,
                 self.clip,
+                embedder,
                 Path(cfg.data.path) / "val",
                 cfg.data.resolution,
                 cfg.eval,
                 cfg.sample,
+                self.objective,
             )
             self.reference = self._evaluator.reference()
             log.info("unet reference (real val images): %s", describe(self.reference))
@@ -173,14 +221,18 @@ class UNetStage:
     # ------------------------------------------------------------------ the trainer's calls
 
     def build(self) -> dict[str, nn.Module]:
+        # Built again here, after the trainer seeded the RNG: VDM's learned schedule is
+        # initialised randomly and must be the same for the same train.seed.
+        self.objective = Objective(self.config.objective)
         unet = UNet(self.config.model)
         log.info("unet: %.2fM parameters", count_parameters(unet) / 1e6)
-        return {"unet": unet}
+        schedule = self.objective.learned_schedule
+        return {"unet": unet} if schedule is None else {"unet": unet, "schedule": schedule}
 
     def train_loader(self, rank: int, world_size: int) -> ResumableBatches | ShardLoader:
         cfg = self.config
         seed = cfg.train.seed
-        if not cfg.cache.enabled:
+        if not self.uses_cache:
             return ShardLoader.from_config(cfg.data, "train", seed, rank, world_size)
         split_dir = Path(cfg.data.path) / "train"
         root = self.ctx.run_dir / "cache"
@@ -206,31 +258,52 @@ class UNetStage:
     def loss(self, modules: dict[str, nn.Module], batch: Any, step: int) -> dict[str, torch.Tensor]:
         unet = modules["unet"]
         device = next(unet.parameters()).device
-        if "image" in batch:  # on the fly: the same fields the cache stores
-            batch = encode_batch(self.vae, self.clip, batch["image"], batch["caption"])
-        x0, cond = latents_and_condition(batch, self.vae, device)
-        return self.flow.loss(unet, x0, cond, self.clip.null)
+        if "image" not in batch:  # from the latent cache
+            x0, cond = latents_and_condition(batch, self.vae, device)
+        elif self.clip is not None and "vae" in self.hashes:  # on the fly, the cache's maths
+            encoded = encode_batch(self.vae, self.clip, batch["image"], batch["caption"])
+            x0, cond = latents_and_condition(encoded, self.vae, device)
+        else:  # pixel space (identity: the images, zero std) or an unconditional VAE run
+            mean, std = self.vae.encode(batch["image"])
+            x0 = self.vae.normalize(mean + std * torch.randn(mean.shape, device=mean.device))
+            x0 = x0.to(device)
+            cond = self.clip.encode_text(list(batch["caption"])) if self.clip else None
+        null = self.clip.null if self.clip is not None else None
+        return self.objective.loss(unet, x0, cond, null, schedule=modules.get("schedule"))
 
     @torch.no_grad()
     def validate(self, modules: dict[str, nn.Module], step: int) -> dict[str, float]:
         evaluator = self.evaluator
-        return {**evaluator.metrics(unwrap(modules["unet"])), **self.reference}
+        metrics = evaluator.metrics(unwrap(modules["unet"]), _schedule(modules))
+        return {**metrics, **self.reference}
 
     @torch.no_grad()
     def preview(self, modules: dict[str, dict[str, nn.Module]], step: int, folder: Path) -> None:
         nets = {kind: unwrap(group["unet"]) for kind, group in modules.items()}
-        path = self.evaluator.grid(nets, Path(folder) / f"samples_{step:07d}.png")
+        schedules = {kind: _schedule(group) for kind, group in modules.items()}
+        path = self.evaluator.grid(nets, Path(folder) / f"samples_{step:07d}.png", schedules)
         log.info("unet preview: %s", path)
 
     def export(self, modules: dict[str, nn.Module], folder: Path) -> None:
         unet = unwrap(modules["unet"])
         cfg = self.config
+        tensors = dict(unet.state_dict())
+        schedule = _schedule(modules)
+        if schedule is not None:
+            tensors.update({f"schedule.{k}": v for k, v in schedule.state_dict().items()})
         info = {
             "model": to_dict(cfg.model),
+            "inputs": to_dict(cfg.inputs),
+            "objective": to_dict(cfg.objective),
             "latent_shape": list(self.latent_shape),
             "resolution": cfg.data.resolution,
             "sampling": to_dict(cfg.sample),
-            "time_convention": "x_t = (1 - t) x0 + t noise; v = noise - x0; t=1 is noise",
+            "time_convention": objective_time_convention(cfg.objective.kind),
             "parameters": count_parameters(unet),
         }
-        write_export(Path(folder), self.name, unet.state_dict(), cfg, info, self.hashes)
+        write_export(Path(folder), self.name, tensors, cfg, info, self.hashes)
+
+
+def _schedule(modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The learned schedule (VDM) of a module group, unwrapped; None for fixed schedules."""
+    return unwrap(modules["schedule"]) if "schedule" in modules else None

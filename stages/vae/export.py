@@ -144,3 +144,31 @@ def load_vae(folder: Path, device: str | torch.device = "cpu") -> LoadedVAE:
         mean=mean.to(device),
         std=std.to(device),
     )
+
+
+class IdentityAutoencoder:
+    """Pixel space: the "autoencoder" of a UNet trained on images directly.
+
+    Same interface as ``LoadedVAE``: factor 1, 3 channels, no latent statistics (images in
+    [-1, 1] are the model's data), encode gives the images with zero posterior std.
+    """
+
+    hash = "identity"
+    factor = 1
+    channels = 3
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, torch.float32)
+        return images, torch.zeros_like(images)
+
+    def decode(self, z_raw: torch.Tensor) -> torch.Tensor:
+        return z_raw.to(self.device, torch.float32)
+
+    def normalize(self, z_raw: torch.Tensor) -> torch.Tensor:
+        return z_raw
+
+    def denormalize(self, z_norm: torch.Tensor) -> torch.Tensor:
+        return z_norm
