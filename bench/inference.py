@@ -1,9 +1,10 @@
 """20-step Euler sampling with classifier-free guidance: UNet only, and end to end.
 
-UNet only. Ours: ``euler_sample(cfg_velocity(unet, cond, null, s), noise, steps)``, the
-pipeline's call (one forward over the doubled batch per step). Peer: the diffusers pipeline
-loop, ``FlowMatchEulerDiscreteScheduler`` (shift 1) with ``torch.cat([latents] * 2)`` into
-``UNet2DConditionModel`` and ``scheduler.step`` per step.
+UNet only. Ours: ``euler_sample(cfg_velocity(unet, cond, null, s), noise,
+FlowSchedule().grid(steps))``, the pipeline's call (one forward over the doubled batch per
+step). Peer: the diffusers pipeline loop, ``FlowMatchEulerDiscreteScheduler`` (shift 1)
+with ``torch.cat([latents] * 2)`` into ``UNet2DConditionModel`` and ``scheduler.step`` per
+step.
 
 End to end: text encoder -> sampling -> VAE decode (the pipeline's maths, without PNG
 writing). Both sides use *our* text encoder (transformers' CLIPTextModel is not installed
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from stages.unet.flow import cfg_velocity, euler_sample, seeded_noise
+from stages.unet.samplers import cfg_velocity, euler_sample, seeded_noise
+from stages.unet.schedules import FlowSchedule
 
 from . import models
 from .harness import Case, Settings, Workload
@@ -79,7 +81,8 @@ class Sampling:
         steps, scale = self.params["steps"], CFG_SCALE
         with autocast(self.device, self.params["precision"]):
             if self.impl == "ours":
-                return euler_sample(cfg_velocity(self.unet, cond, null, scale), noise, steps)
+                grid = FlowSchedule().grid(steps, device=noise.device)
+                return euler_sample(cfg_velocity(self.unet, cond, null, scale), noise, grid)
             return peer_sample(self.unet, self.scheduler, cond, null, noise, steps, scale)
 
 

@@ -1,12 +1,13 @@
 """UNet training step: forward + backward + AdamW update, ours vs diffusers at equal config.
 
-Ours is the training path of the stage: ``FlowMatching.loss`` (logit-normal t, condition
-dropout to the null condition, x_t = (1 - t) x0 + t noise, MSE to v = noise - x0) and the
-shared trainer's optimiser (``make_optimizer``: fused AdamW where the device has it). The
-peer does the same maths the way diffusers' training scripts do (``UNet2DConditionModel``
-called with t * 1000, ``class_labels`` = pooled text, the padding mask as
-``encoder_attention_mask``) with their optimiser, ``torch.optim.AdamW`` at its defaults
-(the per-tensor loop on CPU, foreach on CUDA). fp32 on CPU; bf16 autocast on a GPU.
+Ours is the training path of the stage: ``Objective(ObjectiveConfig()).loss``, the default
+flow objective (logit-normal t, condition dropout to the null condition,
+x_t = (1 - t) x0 + t noise, MSE to v = noise - x0), and the shared trainer's optimiser
+(``make_optimizer``: fused AdamW where the device has it). The peer does the same maths the
+way diffusers' training scripts do (``UNet2DConditionModel`` called with t * 1000,
+``class_labels`` = pooled text, the padding mask as ``encoder_attention_mask``) with their
+optimiser, ``torch.optim.AdamW`` at its defaults (the per-tensor loop on CPU, foreach on
+CUDA). fp32 on CPU; bf16 autocast on a GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.common.optim import OptimConfig, make_optimizer
-from stages.unet.flow import FlowConfig, FlowMatching
+from stages.unet.objectives import Objective, ObjectiveConfig
 
 from . import models
 from .flops import train_step_flops
@@ -55,14 +56,14 @@ def build(
     """One training step of ``impl`` on fixed inputs (fresh noise and t each call)."""
     torch.manual_seed(0)
     x0, cond, null = inputs(cfg, batch, context_length, device)
-    flow = FlowMatching(FlowConfig())
+    objective = Objective(ObjectiveConfig())
     if impl == "ours":
         model = models.our_unet(cfg).to(device).train()
         optimizer = make_optimizer({"unet": model}, OPTIM)
         model = torch.compile(model) if compile else model
 
         def loss() -> torch.Tensor:
-            return flow.loss(model, x0, cond, null)["loss"]
+            return objective.loss(model, x0, cond, null)["loss"]
 
     else:
         peer = models.peer_unet(cfg).to(device).train()
@@ -72,10 +73,11 @@ def build(
         peer = torch.compile(peer) if compile else peer
 
         def loss() -> torch.Tensor:
-            c, _ = flow.drop_condition(cond, null)
-            t = flow.sample_t(batch, x0.device)
+            c, _ = objective.drop_condition(cond, null)
+            t = objective.sample_u(batch, x0.device)
             noise = torch.randn_like(x0)
-            x_t = flow.interpolate(x0, noise, t)
+            s = t.view(-1, 1, 1, 1)
+            x_t = (1 - s) * x0 + s * noise
             v = peer(
                 x_t,
                 t * cfg.time_scale,

@@ -164,24 +164,30 @@ class LearnedSchedule(nn.Module):
         nn.init.constant_(self.l1.weight, 0.5413)  # softplus -> 1: g starts near linear
 
     def _g(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) -> g(u), dg/du; the chain rule written out (all weights positive)."""
-        w1 = F.softplus(self.l1.weight)[0, 0]
-        w2 = F.softplus(self.l2.weight)[:, 0]  # (H,)
-        w3 = F.softplus(self.l3.weight)[0]  # (H,)
-        h = self.l1(u[:, None])  # (N, 1)
-        s = torch.sigmoid(self.l2(h))  # (N, H)
-        g = h[:, 0] + self.l3(s)[:, 0]
+        """(N,) -> g(u), dg/du in float64; the chain rule written out (weights positive).
+
+        float64 because g carries a large offset (l3 sums ``hidden`` positive terms) that
+        the normalisation subtracts: in float32 a flattened schedule would round to steps.
+        (l3's bias cancels in that normalisation; it is kept for the export format.)
+        """
+        w1 = F.softplus(self.l1.weight.double())[0, 0]
+        w2 = F.softplus(self.l2.weight.double())[:, 0]  # (H,)
+        w3 = F.softplus(self.l3.weight.double())[0]  # (H,)
+        h = u.double() * w1 + self.l1.bias.double()  # (N,)
+        s = torch.sigmoid(h[:, None] * w2 + self.l2.bias.double())  # (N, H)
+        g = h + s @ w3 + self.l3.bias.double()
         dg = w1 + (s * (1 - s) * w2 * w3).sum(-1) * w1
         return g, dg
 
     def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) -> gamma(u), d gamma / du, both (B,) float32; one call (DDP-friendly)."""
-        ends = torch.tensor([0.0, 1.0], device=u.device)
-        g, dg = self._g(torch.cat([u.float(), ends]))
+        ends = torch.tensor([0.0, 1.0], device=u.device, dtype=torch.float64)
+        g, dg = self._g(torch.cat([u.double(), ends]))
         g_u, g_0, g_1 = g[:-2], g[-2], g[-1]
-        span = F.softplus(self.span_raw)
+        span = F.softplus(self.span_raw.double())
         scale = span / (g_1 - g_0)
-        return self.gamma_0 + scale * (g_u - g_0), scale * dg[:-2]
+        gamma = self.gamma_0.double() + scale * (g_u - g_0)
+        return gamma.float(), (scale * dg[:-2]).float()
 
     def gamma(self, u: torch.Tensor) -> torch.Tensor:
         return self(u)[0]
