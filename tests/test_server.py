@@ -75,7 +75,8 @@ def test_config_gives_ranges_and_defaults(client):
     body = client.get("/config").json()
     assert body["steps"] == {"min": 1, "max": 8, "default": 2}
     assert body["n"]["max"] == 3 and body["prompt"]["max_chars"] == 40
-    assert body["samplers"] == ["euler", "heun"] and body["resolution"] == RESOLUTION
+    assert body["samplers"] == ["euler", "heun", "ddim", "ancestral"]
+    assert body["resolution"] == RESOLUTION
 
 
 def test_generate_returns_png_data_uris_with_settings(client, pipe):
@@ -147,7 +148,7 @@ def test_raw_png_needs_n_1(client):
         ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": "x", "n": 4}, "n"),
         ({"prompt": "x", "seed": -1}, "seed"),
-        ({"prompt": "x", "sampler": "ddim"}, "sampler"),
+        ({"prompt": "x", "sampler": "dpm++"}, "sampler"),
         ({"prompt": "x", "colour": "red"}, "colour"),
     ],
 )
@@ -246,3 +247,31 @@ def test_page_and_its_assets_are_served(client):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert 'id="generate"' in page.text
     assert client.get("/static/app.js").status_code == 200
+
+
+class RecordingPipeline(GatedPipeline):
+    """Answers at once and records the prompts it was asked for."""
+
+    def __init__(self, pipe: Text2Image):
+        super().__init__(pipe)
+        self.gate.set()
+        self.prompts: list[list[str]] = []
+
+    def generate(self, prompts, **kwargs):
+        self.prompts.append(list(prompts))
+        return super().generate(prompts, **kwargs)
+
+
+def test_an_unconditional_model_takes_no_prompt(pipe):
+    """With an unconditional UNet the prompt field is empty or absent; text is a 422."""
+    fake = RecordingPipeline(pipe)
+    settings = ServerSettings(max_steps=8, default_steps=2, conditional=False)
+    with TestClient(create_app(fake, settings)) as client:
+        assert client.get("/config").json()["prompt"]["max_chars"] == 0
+        for body in ({}, {"prompt": "", "n": 2}):
+            response = client.post("/generate", json=body)
+            assert response.status_code == 200, response.text
+        for field in ("prompt", "negative_prompt"):
+            response = client.post("/generate", json={field: "a red apple"})
+            assert response.status_code == 422 and field in response.text
+    assert fake.prompts == [[""], ["", ""]]

@@ -87,7 +87,8 @@ def _open_page(browser, url: str) -> WebDriverWait:
     browser.get(url)
     wait = WebDriverWait(browser, WAIT_S)
     # /config has been applied once the sampler list is filled.
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sampler option")) == 2)
+    expected = len(ServerSettings().samplers)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sampler option")) == expected)
     return wait
 
 
