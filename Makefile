@@ -72,7 +72,7 @@ $(call EXPORT,unet): $(UNET_DEPS) | $(STAMP)
 # The FD of unconditional presets is measured in the tiny preset's CLIP image space.
 ifneq ($(PRESET),tiny)
 $(RUNS)/tiny/clip/export/manifest.json: | $(STAMP)
-	$(MAKE) clip PRESET=tiny RUNS=$(RUNS) DATA_ROOT=$(DATA_ROOT) ARGS=
+	$(MAKE) clip PRESET=tiny RUNS=$(RUNS) DATA=$(DATA_ROOT)/emoji-$(RES_tiny) ARGS=
 endif
 
 sample: $(call EXPORT,unet) | $(STAMP)

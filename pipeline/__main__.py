@@ -154,6 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     images = _generate(pipe, sampling, config.seed, [args.prompt] * args.n, args.negative)
     per_image = (time.perf_counter() - start) / args.n
+    guidance = f"CFG {sampling.cfg_scale}" if pipe.conditional else "unconditional"
     if args.n == 1:
         paths = [save_png(images[0].image, images[0].metadata, args.out)]
     elif args.numbered:
@@ -170,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(path)
     print(
         f"{args.n} image(s) at {pipe.resolution} px, {sampling.steps} {sampling.sampler} "
-        f"steps, CFG {sampling.cfg_scale} on {pipe.device}: {per_image:.3f} s/image",
+        f"steps, {guidance} on {pipe.device}: {per_image:.3f} s/image",
         file=sys.stderr,
     )
     return 0
