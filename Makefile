@@ -15,7 +15,7 @@ RES_vdm := 64
 DATA   ?= $(DATA_ROOT)/emoji-$(or $(RES_$(PRESET)),512)
 # What the preset's UNet needs upstream, read from its unet.toml: a pixel-space UNet
 # (autoencoder = "identity") needs no VAE export, an unconditional one (text = false) no
-# CLIP export; its FD is then measured in the tiny preset's CLIP image space (EVAL_CLIP).
+# CLIP export.
 UNET_TOML := configs/$(PRESET)/unet.toml
 PIXEL  := $(shell grep -qs '^autoencoder *= *"identity"' $(UNET_TOML) && echo 1)
 UNCOND := $(shell grep -qs '^text *= *false' $(UNET_TOML) && echo 1)
@@ -63,17 +63,13 @@ $(call EXPORT,clip): $(call EXPORT,vae) | $(STAMP)
 	$(PY) -m stages.clip --preset $(PRESET) --data $(DATA) --runs $(RUNS) $(ARGS)
 
 UNET_DEPS := $(if $(PIXEL),$(DATA)/train/manifest.json,$(call EXPORT,vae)) \
-	$(if $(UNCOND),$(EVAL_CLIP)/manifest.json,$(call EXPORT,clip))
-UNET_EVAL := $(if $(UNCOND),eval.clip_export=$(EVAL_CLIP))
+	$(if $(UNCOND),,$(call EXPORT,clip))
+# An unconditional UNet needs no CLIP export; its FD is measured in the tiny preset's CLIP
+# image space when that export exists (`make clip PRESET=tiny` first), else it is skipped.
+UNET_EVAL := $(if $(UNCOND),$(if $(wildcard $(EVAL_CLIP)/manifest.json),eval.clip_export=$(EVAL_CLIP)))
 
 $(call EXPORT,unet): $(UNET_DEPS) | $(STAMP)
 	$(PY) -m stages.unet --preset $(PRESET) --data $(DATA) --runs $(RUNS) $(UNET_EVAL) $(ARGS)
-
-# The FD of unconditional presets is measured in the tiny preset's CLIP image space.
-ifneq ($(PRESET),tiny)
-$(RUNS)/tiny/clip/export/manifest.json: | $(STAMP)
-	$(MAKE) clip PRESET=tiny RUNS=$(RUNS) DATA=$(DATA_ROOT)/emoji-$(RES_tiny) ARGS=
-endif
 
 sample: $(call EXPORT,unet) | $(STAMP)
 	$(PY) -m pipeline generate "$(PROMPT)" --preset $(PRESET) --runs $(RUNS) \

@@ -275,6 +275,9 @@ def test_each_objective_trains_exports_and_samples_with_every_sampler(kind, shar
     unet = load_unet(export, vae_hash=None, clip_hash=None)
     assert unet.objective.config.kind == kind
     assert not unet.conditional and unet.autoencoder == "identity"
+    # No CLIP space here: a vdm run keeps its best checkpoint by bits/dim, the others none.
+    best = CheckpointManager(run / "checkpoints").latest().manifest.get("best")
+    assert (best or {}).get("metric") == ("bpd" if kind == "vdm" else None)
     seeds = [1, 2]
     noise = seeded_noise((3, RES, RES), seeds)
     grid = unet.objective.schedule.grid(3)

@@ -122,7 +122,7 @@ class UNetStage:
     """The UNet stage for the shared trainer (see ``stages.common.stage.Stage``)."""
 
     name = "unet"
-    best_metric = ("fd", "min")
+    best_metric: tuple[str, Literal["min", "max"]] | None = ("fd", "min")
     # Evaluation settings never touch training; the cache and on-the-fly paths read the
     # same sample stream (same permutation over the same indices) with the same maths.
     resume_safe_keys = (
@@ -182,6 +182,12 @@ class UNetStage:
         self.config = replace(config, model=model)
         self.latent_shape = (self.vae.channels, side, side)
         self.objective = Objective(config.objective)
+        # The best checkpoint follows the FD when there is a CLIP space to measure it in,
+        # else VDM's bits per dimension, else none is kept.
+        if self.clip is not None or config.eval.clip_export:
+            self.best_metric = ("fd", "min")
+        else:
+            self.best_metric = ("bpd", "min") if config.objective.kind == "vdm" else None
         self._evaluator: Evaluator | None = None
         self.reference: dict[str, float] = {}
         check_run_upstream(ctx.run_dir, self.hashes, exports)
