@@ -21,7 +21,7 @@ import torch
 
 from stages.clip.export import LoadedCLIP, load_clip
 from stages.common.export import ExportError, check_upstream, read_export
-from stages.unet.export import LoadedUNet, load_unet
+from stages.unet.export import InputsConfig, LoadedUNet, load_unet
 from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
 
 STAGES = ("vae", "clip", "unet")
@@ -107,19 +107,6 @@ def screen_export_folder(folder: Path, stage: str) -> None:
             check_safetensors_header(path)
 
 
-def needed_stages(unet_manifest: dict[str, Any]) -> list[str]:
-    """The upstream exports a UNet export was trained with (from its recorded inputs)."""
-    inputs = unet_manifest.get("info", {}).get("inputs", {"autoencoder": "vae", "text": True})
-    return [
-        stage
-        for stage, needed in (
-            ("vae", inputs.get("autoencoder") == "vae"),
-            ("clip", inputs.get("text")),
-        )
-        if needed
-    ]
-
-
 def read_manifests(folders: ExportFolders, verify: bool = False) -> dict[str, dict[str, Any]]:
     """Screen and read the UNet's manifest and those of the exports it needs; check its
     upstream hashes.
@@ -129,7 +116,7 @@ def read_manifests(folders: ExportFolders, verify: bool = False) -> dict[str, di
     """
     screen_export_folder(folders.unet, "unet")
     manifests = {"unet": read_export(folders.unet, "unet", verify=verify)}
-    for stage in needed_stages(manifests["unet"]):
+    for stage in InputsConfig.recorded(manifests["unet"].get("info", {})).upstream:
         folder = getattr(folders, stage)
         screen_export_folder(folder, stage)
         manifests[stage] = read_export(folder, stage, verify=verify)

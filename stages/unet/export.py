@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -27,6 +27,24 @@ from .samplers import SamplingConfig
 STAGE = "unet"
 
 
+@dataclass(frozen=True)
+class InputsConfig:
+    """What the UNet denoises and what it is conditioned on (recorded in the export)."""
+
+    autoencoder: Literal["vae", "identity"] = "vae"  # identity: pixel space, no VAE export
+    text: bool = True  # false: unconditional, no CLIP export
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """The exports a UNet with these inputs is trained against and loaded with."""
+        return ("vae",) * (self.autoencoder == "vae") + ("clip",) * self.text
+
+    @classmethod
+    def recorded(cls, info: dict[str, Any]) -> InputsConfig:
+        """From an export's ``info`` (exports written before pixel space: latent + text)."""
+        return from_dict(cls, info.get("inputs", {}), prefix="inputs.")
+
+
 @dataclass
 class LoadedUNet:
     model: UNet  # eval mode, no gradients
@@ -37,8 +55,15 @@ class LoadedUNet:
     sampling: SamplingConfig  # defaults recorded at training time
     info: dict[str, Any]
     objective: Objective  # turns the network into a flow velocity; holds the schedule
-    autoencoder: str = "vae"  # "identity": pixel space
-    conditional: bool = True  # False: no text encoder
+    inputs: InputsConfig
+
+    @property
+    def autoencoder(self) -> str:
+        return self.inputs.autoencoder  # "identity": pixel space
+
+    @property
+    def conditional(self) -> bool:
+        return self.inputs.text  # False: no text encoder
 
     def velocity(self, clip_x0: bool | None = None):
         """The network as a flow velocity ``(y, tau, cond) -> v``."""
@@ -58,8 +83,7 @@ def load_unet(
     manifest = read_export(folder, STAGE, verify=True)
     info = manifest.get("info", {})
     try:
-        inputs = info.get("inputs", {"autoencoder": "vae", "text": True})
-        autoencoder, conditional = str(inputs["autoencoder"]), bool(inputs["text"])
+        inputs = InputsConfig.recorded(info)
         config = from_dict(UNetConfig, info["model"], prefix="model.")
         sampling = from_dict(SamplingConfig, info["sampling"], prefix="sampling.")
         objective_cfg = from_dict(ObjectiveConfig, info.get("objective", {}), prefix="objective.")
@@ -67,9 +91,8 @@ def load_unet(
         resolution = int(info["resolution"])
     except (KeyError, TypeError, ValueError, ConfigError) as err:
         raise ExportError(f"{folder}/manifest.json: malformed UNet info: {err}") from err
-    needed = {"vae": autoencoder == "vae", "clip": conditional}
     for name, actual in (("vae", vae_hash), ("clip", clip_hash)):
-        if needed[name]:
+        if name in inputs.upstream:
             # Names the recorded and the given hash; the given export's folder is unknown here.
             check_upstream(manifest, name, actual, Path(f"the {name} export given to load_unet"))
     model = UNet(replace(config, gradient_checkpointing=False))
@@ -98,6 +121,5 @@ def load_unet(
         sampling=sampling,
         info=info,
         objective=objective,
-        autoencoder=autoencoder,
-        conditional=conditional,
+        inputs=inputs,
     )

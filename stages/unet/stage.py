@@ -48,6 +48,7 @@ from .cache import (
     latents_and_condition,
 )
 from .evaluate import EvalConfig, Evaluator, ImageEmbedder, describe
+from .export import InputsConfig
 from .model import UNet, UNetConfig, count_parameters
 from .objectives import Objective, ObjectiveConfig, objective_time_convention
 from .samplers import SamplingConfig, check_sampling
@@ -55,14 +56,6 @@ from .samplers import SamplingConfig, check_sampling
 log = logging.getLogger(__name__)
 
 UPSTREAM_FILE = "upstream.json"
-
-
-@dataclass(frozen=True)
-class InputsConfig:
-    """What the UNet denoises and what it is conditioned on."""
-
-    autoencoder: Literal["vae", "identity"] = "vae"  # identity: pixel space, no VAE export
-    text: bool = True  # false: unconditional, no CLIP export
 
 
 @dataclass(frozen=True)
@@ -141,10 +134,7 @@ class UNetStage:
                 "objective.kind = vdm reports bits per dimension of 8-bit pixels: it needs "
                 'inputs.autoencoder = "identity" (pixel space)'
             )
-        needed = (["vae"] if inputs.autoencoder == "vae" else []) + (
-            ["clip"] if inputs.text else []
-        )
-        exports = {name: ctx.export_dir(name) for name in needed}
+        exports = {name: ctx.export_dir(name) for name in inputs.upstream}
         for name, folder in exports.items():
             if not (folder / "manifest.json").exists():
                 raise ExportError(
