@@ -123,6 +123,22 @@ class ImageEmbedder:
             return self.clip.embed_images(self.vae.normalize(mean)).cpu()
         return self.clip.embed_images(images).cpu()
 
+    @torch.no_grad()
+    def embed_samples(self, samples: torch.Tensor, autoencoder: Autoencoder) -> torch.Tensor:
+        """(B, E) for a model's samples (normalised latents of ``autoencoder``, or pixels).
+
+        A latent tower trained on this very VAE at this latent side embeds them as they
+        are, as the CLIP stage embedded its training latents; otherwise they are decoded.
+        """
+        latent = self.clip.image_input == "latent"
+        if (
+            latent
+            and self.vae.hash == autoencoder.hash
+            and samples.shape[-1] == self.clip.image_size
+        ):
+            return self.clip.embed_images(samples).cpu()
+        return self(autoencoder.decode(autoencoder.denormalize(samples.to(autoencoder.device))))
+
 
 class Evaluator:
     """Fixed prompts, seeds and real statistics for one run; models are passed per call.
@@ -239,7 +255,7 @@ class Evaluator:
         if self.embedder is not None:
             seeds = [self.cfg.seed + i for i in range(len(self.captions))]
             latents = self.generate(model, self.captions, seeds, schedule)
-            generated = self.embedder(self.decode(latents.float()))
+            generated = self.embedder.embed_samples(latents.float(), self.autoencoder)
             if self.text is not None:
                 out["clip_score"] = clip_score(generated, self._embed_texts(self.captions))
             assert self.real is not None
