@@ -26,7 +26,7 @@ from stages.unet import cache as cache_module
 from stages.unet.cache import CacheConfig, CachedLatents, encode_batch, ensure_cache
 from stages.unet.evaluate import clip_score, frechet_distance
 from stages.unet.export import load_unet
-from stages.unet.model import UNet, UNetConfig, count_parameters
+from stages.unet.model import SpatialTransformer, UNet, UNetConfig, count_parameters
 from stages.unet.samplers import SamplingConfig, cfg_velocity, euler_sample, seeded_noise
 from stages.unet.schedules import FlowSchedule
 from stages.unet.stage import UNetStage, UNetStageConfig, UpstreamMismatch, resolve_model
@@ -79,20 +79,43 @@ def text(batch: int, length: int = 6, width: int = 16, real: int = 3) -> TextCon
     return TextCondition(tokens, mask, tokens[:, real - 1].clone())
 
 
-def test_unet_shapes_zero_output_and_channels_last():
+def test_spatial_transformer_keeps_the_input_layout():
+    """The token view it returns has channels-last strides; the residual must not switch
+    a NCHW activation to channels-last (a copy per block and slower CPU kernels after it)."""
     torch.manual_seed(0)
-    model = UNet(tiny_unet_config())
+    block = SpatialTransformer(32, tiny_unet_config())
+    torch.nn.init.normal_(block.proj_out.weight)
+    x, cond = torch.randn(2, 32, 4, 4), text(2)
+    nchw = block(x, cond.tokens, cond.mask)
+    assert nchw.is_contiguous()
+    channels_last = block(x.contiguous(memory_format=torch.channels_last), cond.tokens, cond.mask)
+    assert not channels_last.is_contiguous()
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(channels_last, nchw)
+
+
+def test_unet_shapes_zero_output_and_device_layout():
+    torch.manual_seed(0)
+    model = UNet(tiny_unet_config()).place("cpu")
     x, t, cond = torch.randn(2, 4, 8, 8), torch.rand(2), text(2)
     out = model(x, t, cond)
     assert out.shape == x.shape
     assert torch.all(out == 0)  # zero-initialised output conv: the untrained net predicts v = 0
-    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    # Channels-last is CUDA's layout; on CPU weights and activations stay NCHW.
+    assert model.layout("cuda") == torch.channels_last
+    assert model.layout("cpu") == torch.contiguous_format
+    assert UNet(tiny_unet_config(channels_last=False)).layout("cuda") == torch.contiguous_format
+    assert model.conv_out.weight.is_contiguous()
     randomise_zero_inits(model)
-    out = model(x, t, cond)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    plain = UNet(tiny_unet_config(channels_last=False))
-    plain.load_state_dict(model.state_dict())
-    torch.testing.assert_close(plain(x, t, cond), out, atol=1e-5, rtol=1e-4)
+    out = model(x.contiguous(memory_format=torch.channels_last), t, cond)
+    assert out.is_contiguous()
+    # The same weights stored channels-last (as ``place("cuda")`` stores them) compute the
+    # same function: layout is a storage choice only.
+    stored_cl = UNet(tiny_unet_config())
+    stored_cl.load_state_dict(model.state_dict())
+    stored_cl.to(memory_format=torch.channels_last)
+    assert stored_cl.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(stored_cl(x, t, cond), out, atol=1e-5, rtol=1e-4)
     # Three levels with attention only at 2: still the right shape.
     deeper = UNet(tiny_unet_config(channel_mult=(1, 1, 2), attention_resolutions=(2,)))
     assert deeper(x, t, cond).shape == x.shape

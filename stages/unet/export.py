@@ -111,7 +111,7 @@ def load_unet(
             objective.learned_schedule.requires_grad_(False).eval().to(device)
     except RuntimeError as err:
         raise ExportError(f"{folder}: weights do not match the recorded model: {err}") from err
-    model.requires_grad_(False).eval().to(device)
+    model.requires_grad_(False).eval().place(device)
     return LoadedUNet(
         model=model,
         hash=manifest["hash"],

@@ -220,7 +220,7 @@ class UNetStage:
         # Built again here, after the trainer seeded the RNG: VDM's learned schedule is
         # initialised randomly and must be the same for the same train.seed.
         self.objective = Objective(self.config.objective)
-        unet = UNet(self.config.model)
+        unet = UNet(self.config.model).place(self.ctx.device)
         log.info("unet: %.2fM parameters", count_parameters(unet) / 1e6)
         schedule = self.objective.learned_schedule
         return {"unet": unet} if schedule is None else {"unet": unet, "schedule": schedule}
