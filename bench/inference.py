@@ -17,7 +17,8 @@ one step (the same work as each of the 20) and the reported time is the 20-step 
 total + 19 x the sampling loop's own time; end to end runs at batch 1 only (a 512 px VAE
 decode per image takes over a minute). On a GPU and with ``--full`` the 20 steps run as they
 are, at batch 1 and 4. UNet sampling runs under bf16 autocast on a GPU and the VAE decode in
-fp32, as in the pipeline.
+fp32, as in the pipeline; on a CPU with native bf16 (where the pipeline's ``auto`` picks it)
+UNet-only batch 1 is also timed under bf16 autocast, both impls alike.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from pipeline.text2image import cpu_has_native_bf16
 from stages.unet.samplers import cfg_velocity, euler_sample, seeded_noise
 from stages.unet.schedules import FlowSchedule
 
@@ -68,8 +70,10 @@ class Sampling:
         self.cfg = models.unet_config(params["side"], params["preset"])
         self.impl, self.device, self.params = impl, device, params
         torch.manual_seed(0)
-        build = models.our_unet if impl == "ours" else models.peer_unet
-        self.unet = build(self.cfg).to(device).eval()
+        if impl == "ours":
+            self.unet = models.our_unet(self.cfg).place(device).eval()
+        else:
+            self.unet = models.peer_unet(self.cfg).to(device).eval()
         if impl == "peer":
             self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
@@ -143,8 +147,13 @@ def cases(settings: Settings) -> list[Case]:
     side = 8 if settings.quick else 64  # 512 px through the f8 VAE
     precision = "bf16" if settings.cuda else "fp32"
     exact = settings.cuda or settings.full
+    # On a CPU with native bf16 the pipeline samples in bf16 by default: also time that, both
+    # impls under the same autocast (UNet only, batch 1).
+    runs = [(batch, precision) for batch in ((1,) if settings.quick else (1, 4))]
+    if not settings.cuda and not settings.quick and cpu_has_native_bf16():
+        runs.append((1, "bf16"))
     out = []
-    for batch in (1,) if settings.quick else (1, 4):
+    for batch, precision in runs:
         # CPU: one step of the grid per run (a 512 px step at batch 4 x 2 takes tens of s).
         steps = 2 if settings.quick else STEPS if exact else 1
         params = {
@@ -157,11 +166,12 @@ def cases(settings: Settings) -> list[Case]:
         px = side * models.vae_config(preset).factor
         scale = 1.0 if settings.quick else STEPS / steps
         label = f"{STEPS} steps (from {steps})" if scale != 1 else f"{steps} steps"
+        label += " bf16" if precision == "bf16" and not settings.cuda else ""
         for key, make, what in (
             ("unet_infer", make_unet_only, "UNet"),
             ("e2e", make_end_to_end, "text+UNet+VAE"),
         ):
-            if key == "e2e" and batch > 1 and not exact:
+            if key == "e2e" and (batch > 1 or precision == "bf16") and not exact:
                 continue  # CPU: four 512 px VAE decodes per run do not fit the budget
             out.append(
                 Case(

@@ -42,7 +42,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         )
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     group.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype on a GPU"
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="sampling autocast dtype (auto: bf16 on GPUs and on CPUs with native bf16)",
     )
     group.add_argument("--threads", type=int, help="CPU threads (0: one per core)")
 

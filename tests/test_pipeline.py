@@ -24,11 +24,12 @@ from exports import (
 )
 from PIL import Image
 
+from pipeline import text2image
 from pipeline.__main__ import main
 from pipeline.demo import write_demo
 from pipeline.load import ExportFolders, load_models
 from pipeline.png import read_png_text
-from pipeline.text2image import Text2Image
+from pipeline.text2image import Text2Image, resolve_dtype
 from stages.common.export import ExportError
 from stages.common.shards import sha256_file
 from stages.unet.samplers import SamplingConfig
@@ -126,6 +127,30 @@ def test_bad_arguments_are_refused(pipe):
         pipe.generate(["x"], steps=0)
     with pytest.raises(ValueError, match="negative prompts"):
         pipe.generate(["x", "y"], negative_prompt=["a", "b", "c"], steps=2)
+
+
+def test_precision_per_device_and_bf16_sampling_on_cpu(pipe, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(text2image, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(text2image, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto", cpu) == torch.float32  # emulated bf16 is slower than fp32
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert resolve_dtype("fp32", cpu) == torch.float32
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="fp16 autocast needs a GPU"):
+        Text2Image(pipe.models, torch.float16)
+
+    def run(dtype, seed=3):
+        out = Text2Image(pipe.models, dtype).generate(["red apple"], seed=seed, steps=STEPS)
+        return pixels(out[0])
+
+    fp32, bf16 = run(torch.float32), run(torch.bfloat16)
+    rounding = np.abs(fp32 - bf16).mean()
+    other_seed = np.abs(fp32 - run(torch.float32, seed=4)).mean()
+    assert rounding > 0  # bf16 did run
+    assert rounding < 0.1 * other_seed  # and moved the image far less than a new seed does
 
 
 # ----------------------------------------------------------------------------- refusals
