@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     _add_model_args(gen)
 
-    loop = commands.add_parser("interactive", help="read prompts from stdin, save PNGs")
+    loop = commands.add_parser(
+        "interactive", help="read prompts (unconditional models: seeds) from stdin, save PNGs"
+    )
     loop.add_argument("--folder", type=Path, default=Path("samples"), help="where PNGs go")
     _add_sampling_args(loop)
     _add_model_args(loop)
@@ -186,17 +188,24 @@ def next_number(folder: Path) -> int:
 
 
 def cmd_interactive(args: argparse.Namespace) -> int:
+    """One PNG per line: a prompt, or for an unconditional model a seed."""
     pipe, config, sampling = load_pipeline(args)
     args.folder.mkdir(parents=True, exist_ok=True)
     interactive = sys.stdin.isatty()
+    asked = "prompt" if pipe.conditional else "seed"
     while True:
         if interactive:
-            print("prompt (empty line ends)> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        prompt = line.strip()
-        if not prompt:
+            print(f"{asked} (empty line ends)> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline().strip()
+        if not line:
             return 0
-        image = _generate(pipe, sampling, config.seed, [prompt], args.negative)[0]
+        prompt, seed = line, config.seed
+        if not pipe.conditional:
+            if not line.lstrip("-").isdigit():
+                print(f"this model is unconditional: type a seed, not {line!r}", file=sys.stderr)
+                continue
+            prompt, seed = "", int(line)
+        image = _generate(pipe, sampling, seed, [prompt], args.negative)[0]
         path = save_png(
             image.image, image.metadata, args.folder / f"{next_number(args.folder):06d}.png"
         )

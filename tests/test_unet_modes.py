@@ -5,9 +5,11 @@ FD in another CLIP export's space; and the presets. Tiny 8 px shards, CPU, a few
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
+import sys
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -159,7 +161,7 @@ def finite(value) -> bool:
 # --------------------------------------------------------- pixel space, unconditional
 
 
-def test_pixel_space_unconditional_run_end_to_end(shards, tmp_path, capsys):
+def test_pixel_space_unconditional_run_end_to_end(shards, tmp_path, capsys, monkeypatch):
     # The preset's name is a real one, so `python -m pipeline` reads its sample.toml.
     preset = "pokepixels-9m"
     configs = tmp_path / "configs"
@@ -237,6 +239,7 @@ grid_seeds = 2
     # `python -m pipeline generate` with no prompt writes the same image.
     png = tmp_path / "uncond.png"
     common = ["--preset", preset, "--runs", str(runs), "--device", "cpu", "--seed", "3"]
+    common += ["--precision", "fp32"]  # the same precision as `pipe` above
     assert main(["generate", "--steps", "3", "--out", str(png), *common]) == 0
     assert capsys.readouterr().out.strip() == str(png)
     text = read_png_text(png)
@@ -258,6 +261,16 @@ grid_seeds = 2
     assert main(["generate", "a red circle", "--out", str(tmp_path / "y.png"), *common]) == 2
     assert "unconditional" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+    # `interactive` reads seeds for it: one PNG per seed, a word is refused and skipped.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("3\na red circle\n4\n\n9\n"))
+    folder = tmp_path / "samples"
+    assert main(["interactive", "--folder", str(folder), "--steps", "3", *common]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split() == [str(folder / "000000.png"), str(folder / "000001.png")]
+    assert "type a seed" in captured.err
+    assert [read_png_text(folder / f"00000{i}.png")["seed"] for i in (0, 1)] == ["3", "4"]
+    with Image.open(folder / "000000.png") as image:
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB"), np.int16), pixels(out[0]))
 
 
 # ------------------------------------------------------------------------- objectives
