@@ -111,6 +111,36 @@ def test_killed_run_resumes_bitwise_equal(tmp_path, reference):
     assert steps == list(range(1, 9))  # lines logged after the checkpoint were dropped
 
 
+def test_compiled_run_matches_eager_and_resumes_from_its_checkpoints(
+    tmp_path, reference, monkeypatch
+):
+    """train.compile=true trains the same model (inductor's own dropout RNG switched to
+    eager's, so only float rounding differs) and writes the same checkpoint layout; it is a
+    resume-safe key: a compiled run continues an eager one."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    compiled, compile_ = 0, torch.compile
+
+    def counting_compile(model, **kwargs):
+        nonlocal compiled
+        compiled += 1
+        return compile_(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    with pytest.raises(ToyCrash):  # eager to the step-4 checkpoint
+        run(tmp_path, "toy.crash_at_batch=6")
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new process, as in real use
+    GradientState._reset_state()
+    code, stage = run(tmp_path, "train.compile=true")
+    assert compiled == 2  # both trained modules went through torch.compile
+    assert code == EXIT_OK
+    compiled, eager = final_state(tmp_path), reference["state"]
+    for stem in ("model.net", "model.critic", "ema"):
+        assert compiled[stem].keys() == eager[stem].keys()  # no "_orig_mod." prefixes
+        for key, tensor in eager[stem].items():
+            torch.testing.assert_close(compiled[stem][key], tensor, atol=1e-5, rtol=1e-4)
+    assert ids(stage.seen) == ids(reference["seen"])[4:]
+
+
 def test_adamw8bit_with_accumulation_resumes_bitwise_equal(tmp_path):
     settings = ("optim.name=adamw8bit", "toy.width=64", "train.grad_accum=2", "train.max_steps=4")
     code, whole = run(tmp_path / "whole", *settings)

@@ -96,6 +96,7 @@ RESUME_SAFE_KEYS = (
     "train.grad_clip",
     "train.mixed_precision",  # e.g. fp16 on a T4 resumed as bf16 on an A100 (not bitwise)
     "train.ddp_find_unused_parameters",
+    "train.compile",
     "optim.lr",
     "optim.betas",
     "optim.eps",
@@ -125,6 +126,10 @@ class TrainConfig:
     max_consecutive_skips: int = 10  # non-finite steps in a row before training stops
     trackers: tuple[str, ...] = ("tensorboard",)  # "tensorboard", "wandb"
     ddp_find_unused_parameters: bool = False  # for modules some steps do not use (GAN warm-up)
+    # torch.compile (inductor) the trained modules: the first steps wait for compilation,
+    # later ones fuse the elementwise ops around the convolutions and attention. Off by default:
+    # on a CPU the compile of a large UNet takes minutes. Checkpoints are the same either way.
+    compile: bool = False
 
 
 @dataclass
@@ -228,6 +233,7 @@ class Trainer:
         self.accelerator = acc = Accelerator(
             cpu=force_cpu(),
             mixed_precision=resolve_precision(cfg.train.mixed_precision),
+            dynamo_backend="inductor" if cfg.train.compile else "no",  # compiled in prepare()
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=cfg.train.grad_accum, sync_with_dataloader=False
             ),
