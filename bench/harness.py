@@ -122,7 +122,7 @@ def compare(
     scale: float = 1.0,
     measure_memory: bool = True,
 ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, dict[str, float]]]:
-    """Build and warm up each impl, then alternate timed runs.
+    """Build and warm up each impl, alternate timed runs, then measure each one's memory.
 
     -> (total seconds per repetition, reported seconds per repetition (extrapolated by
     ``scale``), memory MiB ``{"state", "run"}``), each by impl.
@@ -145,17 +145,20 @@ def compare(
     while rep < reps:
         order = impls if rep % 2 == 0 else impls[::-1]  # ABBA
         for impl in order:
-            base = memory.reset_peak(device) if measure_memory else 0
             total, part = timed(workloads[impl], device)
-            if measure_memory:
-                run = (memory.peak(device) - base) / memory.MIB
-                mib[impl]["run"] = max(mib[impl]["run"], run)
             totals[impl].append(total)
             parts[impl].append(part)
         rep += 1
         if rep == min_reps:  # size the rest of the run from what the first ones cost
             cost = sum(sum(t) for t in totals.values()) / rep
             reps = max(min_reps, min(max_reps, int(budget_s // max(cost, 1e-9))))
+    # Memory from one more, untimed run each: measuring it trims the heap first, and the
+    # run after a trim pays for faulting its pages in again (it made our 512 px training
+    # step read 0.90x when it was 1.24x timed alone, bench/RESULTS.md).
+    for impl in impls if measure_memory else ():
+        base = memory.reset_peak(device)
+        timed(workloads[impl], device)
+        mib[impl]["run"] = (memory.peak(device) - base) / memory.MIB
     per_rep = {  # the reported figure of each repetition (extrapolated when scale != 1)
         impl: [t + (scale - 1.0) * p for t, p in zip(totals[impl], parts[impl])] for impl in impls
     }

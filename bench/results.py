@@ -106,7 +106,7 @@ def section(
             "to back (> 1: we are faster). Times are medians of the repetitions (after the "
             "warm-up), ours and diffusers alternating in one process. "
             "Memory: state = resident after build and warm-up (weights, optimiser moments), "
-            "run = high-water mark of a timed run above that (activations, gradients, "
+            "run = high-water mark of one more (untimed) run above that (activations, gradients, "
             "workspace); state + run = the impl's peak on its own.",
             "",
             *table(rows),
