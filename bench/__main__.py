@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if "data" in only:
         print("[bench] data ...", flush=True)
         figures += data.reader_figures(batches=2 if args.quick else 6)
-        figures += data.stage_figures(steps=2 if args.quick else 5)
+        figures += data.stage_figures(rounds=2 if args.quick else 8)
     if "gpu" in only:
         figures += gpu.figures(settings)
 

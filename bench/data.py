@@ -11,7 +11,11 @@ the weights) over 32 px synthetic shards, the tiny UNet preset, and the stage's 
 ``cache`` (the default: latents and text states read from the cache), ``on the fly``
 (``cache.enabled=false``: VAE and text encoder run on every batch) and ``synthetic`` (one
 cached batch reused: no data cost at all, the reference for "the reader is never the
-bottleneck"). The one-off cache build is timed separately.
+bottleneck"). The three are built up front and their steps alternate (ABC, CBA, ...), as
+the impls of the other benchmarks do, so a change of machine load hits all three alike; the
+ratio to synthetic is the median over rounds. Each mode also reports its *data wait*: the
+median time a step spends in ``next(loader)``, the part of the step that is the reader's.
+The one-off cache build is timed separately.
 """
 
 from __future__ import annotations
@@ -86,7 +90,28 @@ def _tiny_exports(root: Path, shards: Path) -> None:
     )
 
 
-def stage_figures(steps: int, samples: int = 512) -> list[Figure]:
+def _timed_step(stage, loader, modules, optimizer, synthetic: bool):
+    """One training step of ``stage`` -> (step seconds, seconds waited for the batch).
+
+    ``synthetic`` reuses the loader's first batch: the step without any data cost.
+    """
+    fixed = next(loader)
+    count = iter(range(1 << 62))
+
+    def step() -> tuple[float, float]:
+        start = time.perf_counter()
+        batch = fixed if synthetic else next(loader)
+        waited = time.perf_counter() - start
+        loss = stage.loss(modules, batch, next(count))["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start, waited
+
+    return step
+
+
+def stage_figures(rounds: int, samples: int = 512) -> list[Figure]:
     import sys
 
     from stages.common.config import load_config
@@ -97,15 +122,15 @@ def stage_figures(steps: int, samples: int = 512) -> list[Figure]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from synthetic import make_shards
 
+    modes = ("cache", "on the fly", "synthetic")
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shards = make_shards(root / "shapes-32", n_train=samples, resolution=32, shard_size=128)
         runs = root / "runs"
         _tiny_exports(runs, shards)
-        seconds: dict[str, float] = {}
-        batch_size = 0
-        for mode in ("cache", "on the fly", "synthetic"):
+        steps, batch_size = {}, 0
+        for mode in modes:
             overrides = [
                 f"data.path={shards}",
                 f"cache.enabled={str(mode != 'on the fly').lower()}",
@@ -126,25 +151,25 @@ def stage_figures(steps: int, samples: int = 512) -> list[Figure]:
                 )
             modules = stage.build()
             optimizer = make_optimizer(modules, cfg.optim)
-            fixed = next(loader)
-            times = []
-            for step in range(steps + 1):  # the first step is the warm-up
-                start = time.perf_counter()
-                batch = fixed if mode == "synthetic" else next(loader)
-                loss = stage.loss(modules, batch, step)["loss"]
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                times.append(time.perf_counter() - start)
-            seconds[mode] = statistics.median(times[1:])
-        for mode, value in seconds.items():
+            steps[mode] = _timed_step(stage, loader, modules, optimizer, mode == "synthetic")
+            steps[mode]()  # warm-up: the loader's workers start, the allocator settles
+        times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+        for r in range(rounds):
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                times[mode].append(steps[mode]())
+        median = {mode: statistics.median(t for t, _ in times[mode]) for mode in modes}
+        for mode in modes:
+            ratio = statistics.median(
+                t / s for (t, _), (s, _) in zip(times[mode], times["synthetic"])
+            )
+            wait = statistics.median(w for _, w in times[mode])
             out.append(
                 Figure(
                     f"unet stage (tiny) step, {mode}",
-                    batch_size / value,
+                    batch_size / median[mode],
                     "samples/s",
-                    f"{value * 1e3:.0f} ms/step, batch {batch_size}; "
-                    f"{value / seconds['synthetic']:.2f}x the synthetic step",
+                    f"{median[mode] * 1e3:.0f} ms/step, batch {batch_size}; "
+                    f"{ratio:.2f}x the synthetic step; data wait {wait * 1e3:.1f} ms/step",
                 )
             )
     return out
