@@ -7,6 +7,7 @@ tiny UNet per objective followed by sampling with every sampler."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -348,6 +349,77 @@ def test_vdm_loss_backpropagates_into_the_schedule():
     out = objective.loss(model, pixels(8), None, None, schedule=other)
     assert out["gamma_0"].item() == pytest.approx(-10.0, abs=1e-4)
     assert out["gamma_1"].item() == pytest.approx(3.0, abs=1e-4)
+
+
+def vdm_diffusion_terms(schedule, model, x0, u, noise) -> torch.Tensor:
+    """(B,) VDM's per-sample diffusion loss in bits per dimension, written out (eq. 17)."""
+    gamma, dgamma = schedule(u)
+    alpha, sigma = torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
+    noise_hat = model(bcast(alpha) * x0 + bcast(sigma) * noise, u, None)
+    mse = (noise - noise_hat).square().flatten(1).sum(1)
+    return 0.5 * dgamma * mse / (x0[0].numel() * math.log(2))
+
+
+def test_vdm_schedule_shape_gets_the_variance_gradient_and_the_rest_the_bound():
+    """VDM appendix I.2: the shape's parameters get d/d eta mean(L_i^2) of the per-sample
+    diffusion losses, the endpoints and the network the bound's gradient, in one backward."""
+    weight = torch.full((1,), 0.3, requires_grad=True)
+
+    def model(x, u, cond):  # a one-parameter, imperfect noise predictor
+        return weight * x
+
+    x0, u = pixels(16), torch.rand(16, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    schedule = LearnedSchedule(hidden=16)
+    shape = [p for n, p in schedule.named_parameters() if n.startswith("l")]
+    ends = [schedule.gamma_0, schedule.span_raw]
+    grads = {}
+    for mode in ("variance", "bound"):
+        objective = Objective(replace(KINDS["vdm"], shape_gradient=mode))
+        for p in [weight, *schedule.parameters()]:
+            p.grad = None
+        eps_0 = torch.Generator().manual_seed(3)  # the reconstruction term's draw
+        objective._vdm_loss(model, x0, None, u, noise, schedule, eps_0)["loss"].backward()
+        grads[mode] = [p.grad.clone() for p in [weight, *ends, *shape]]
+    variance, bound = grads["variance"], grads["bound"]
+    for got, want in zip(variance[:3], bound[:3]):  # network and endpoints: the bound's
+        torch.testing.assert_close(got, want)
+    terms = vdm_diffusion_terms(schedule, model, x0, u, noise)
+    want = torch.autograd.grad(terms.square().mean(), shape)
+    for got, ref, name in zip(variance[3:], want, ("l1.w", "l1.b", "l2.w", "l2.b", "l3.w")):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-9, msg=name)
+    flat = [torch.cat([g.flatten() for g in grads[m][3:]]) for m in ("variance", "bound")]
+    assert not torch.allclose(*flat, rtol=0.1)  # and it is not the bound's
+
+
+def test_vdm_variance_gradient_lowers_the_variance_of_the_diffusion_loss():
+    """With the Bayes-optimal predictor for Gaussian data the diffusion loss at u is
+    1/2 gamma'(u) D SNR c^2 / (SNR c^2 + 1): far from constant on the initial, near-linear
+    schedule. Training only the shape on the variance gradient flattens it."""
+    torch.manual_seed(0)
+    schedule = LearnedSchedule(hidden=32)
+    objective = Objective(KINDS["vdm"])
+    objective.schedule = schedule  # the oracle reads the current schedule
+    model = oracle(objective)
+    shape = [p for n, p in schedule.named_parameters() if n.startswith("l")]
+    optimizer = torch.optim.Adam(shape, lr=3e-2)
+    g = torch.Generator().manual_seed(0)
+    x_eval = C * torch.randn(256, 3, 4, 4, generator=g)
+    u_eval, noise_eval = (torch.arange(256) + 0.5) / 256, torch.randn(256, 3, 4, 4, generator=g)
+
+    def spread() -> float:
+        with torch.no_grad():
+            return vdm_diffusion_terms(schedule, model, x_eval, u_eval, noise_eval).var().item()
+
+    before = spread()
+    for _ in range(150):
+        x0 = C * torch.randn(64, 3, 4, 4, generator=g)
+        out = objective.loss(model, x0, None, None, g, schedule=schedule)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    assert spread() < 0.5 * before
 
 
 def test_vdm_oracle_with_known_noise_leaves_prior_and_recon():

@@ -20,6 +20,8 @@ One object, one signature for all of them, next to the schedules (``schedules.py
         - log p(x | z_0)                                            reconstruction
   with u drawn by low-discrepancy sampling (u_i = (u0 + i / B) mod 1, VDM appendix) and
   p(x | z_0) the discretised Gaussian of DDPM (Ho et al. section 3.3) over 256 levels.
+  The schedule's endpoints learn from L, its shape from the variance of the diffusion term
+  (VDM appendix I.2, ``schedules.VarianceGradient``; ``shape_gradient = "bound"``: from L).
 
 Per-sample condition dropout to the null condition (Ho & Salimans 2022) is shared by all.
 ``velocity`` turns any of these networks into the flow velocity of the samplers
@@ -37,7 +39,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from .schedules import DiscreteVP, FlowSchedule, LearnedSchedule, Schedule
+from .schedules import DiscreteVP, FlowSchedule, LearnedSchedule, Schedule, VarianceGradient
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class ObjectiveConfig:
     # vdm: initial endpoints of the learned gamma = -log SNR
     gamma_min: float = -13.3
     gamma_max: float = 5.0
+    # vdm: what trains the schedule's shape between its endpoints: "variance" (the paper's:
+    # minimise the diffusion loss's variance; the bound's gradient there is only noise) or
+    # "bound" (the bound's own gradient, as most reimplementations do)
+    shape_gradient: Literal["variance", "bound"] = "variance"
 
 
 Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -174,7 +180,8 @@ class Objective:
     def _vdm_loss(self, model, x0, cond, u, noise, schedule, generator) -> dict[str, torch.Tensor]:
         schedule = schedule if schedule is not None else self.schedule
         ends = torch.tensor([0.0, 1.0], device=x0.device)
-        gamma_all, dgamma_all = schedule(torch.cat([u, ends]))  # one call: DDP-friendly
+        variance = VarianceGradient() if self.config.shape_gradient == "variance" else None
+        gamma_all, dgamma_all = schedule(torch.cat([u, ends]), variance)  # one call: DDP
         gamma, dgamma = gamma_all[:-2], dgamma_all[:-2]
         gamma_0, gamma_1 = gamma_all[-2], gamma_all[-1]
         dims = x0[0].numel()
@@ -194,6 +201,8 @@ class Objective:
         recon = -discretized_gaussian_log_likelihood(x0.float(), mean_0, scale_0)
         recon = recon.flatten(1).sum(1)
         to_bpd = 1.0 / (dims * math.log(2))
+        if variance is not None:  # per-sample diffusion losses in the units of "loss" below
+            variance.set(diffusion * to_bpd)
         total = (diffusion + prior + recon) * to_bpd
         return {
             "loss": total.mean(),

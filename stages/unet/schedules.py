@@ -140,6 +140,33 @@ class PositiveLinear(nn.Linear):
         return F.linear(x, F.softplus(self.weight), self.bias)
 
 
+class VarianceGradient:
+    """VDM's gradient for the shape of a learned schedule (Kingma et al. 2021, appendix I.2).
+
+    The continuous-time bound depends on gamma only through its endpoints, so the gradient
+    of the bound with respect to the shape in between is zero in expectation: pure noise.
+    The paper trains the endpoints on the bound and the shape to minimise the variance of
+    the diffusion loss estimator instead. Since E[L] does not depend on the shape,
+    d Var[L] / d eta = E[2 L dL / d eta]: the per-sample gradient that reaches the
+    normalised shape s(u_i) and its derivative s'(u_i) is multiplied by 2 L_i, in the same
+    backward pass. ``set(losses)`` gives the (B,) per-sample diffusion losses, in the units
+    of the loss that is backpropagated, once they are known (before ``backward``).
+    """
+
+    def __init__(self) -> None:
+        self.factor: torch.Tensor | None = None
+
+    def set(self, losses: torch.Tensor) -> None:
+        self.factor = 2.0 * losses.detach().double()
+
+    def hook(self, grad: torch.Tensor) -> torch.Tensor:
+        """(N,) gradient of s(u) or s'(u) -> its first B entries scaled by 2 L_i."""
+        if self.factor is None:
+            raise RuntimeError("VarianceGradient.set(losses) must be called before backward")
+        n = self.factor.numel()
+        return torch.cat([grad[:n] * self.factor.to(grad.device), grad[n:]])
+
+
 class LearnedSchedule(nn.Module):
     """VDM's gamma(u) = -log SNR(u), monotone in u, trained with the UNet (Kingma et al.
     2021, appendix H): g(u) = l1(u) + l3(sigmoid(l2(l1(u)))) with positive weights, then
@@ -148,7 +175,9 @@ class LearnedSchedule(nn.Module):
 
     with learned endpoints gamma_0 < gamma_1 (gamma_1 = gamma_0 + softplus(raw)). The
     derivative d gamma / du, which the continuous-time loss weighs by, is computed in closed
-    form in the same forward, so no double backward is needed.
+    form in the same forward, so no double backward is needed. Given a ``VarianceGradient``,
+    the shape's parameters (l1, l2, l3) learn to minimise the loss's variance while the
+    endpoints still learn from the bound.
     """
 
     def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0, hidden: int = 1024):
@@ -179,15 +208,21 @@ class LearnedSchedule(nn.Module):
         dg = w1 + (s * (1 - s) * w2 * w3).sum(-1) * w1
         return g, dg
 
-    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, u: torch.Tensor, variance: VarianceGradient | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) -> gamma(u), d gamma / du, both (B,) float32; one call (DDP-friendly)."""
         ends = torch.tensor([0.0, 1.0], device=u.device, dtype=torch.float64)
         g, dg = self._g(torch.cat([u.double(), ends]))
         g_u, g_0, g_1 = g[:-2], g[-2], g[-1]
+        shape = (g_u - g_0) / (g_1 - g_0)  # s(u) in [0, 1], s(0) = 0, s(1) = 1
+        dshape = dg[:-2] / (g_1 - g_0)  # s'(u)
+        if variance is not None and shape.requires_grad:
+            shape.register_hook(variance.hook)
+            dshape.register_hook(variance.hook)
         span = F.softplus(self.span_raw.double())
-        scale = span / (g_1 - g_0)
-        gamma = self.gamma_0.double() + scale * (g_u - g_0)
-        return gamma.float(), (scale * dg[:-2]).float()
+        gamma = self.gamma_0.double() + span * shape
+        return gamma.float(), (span * dshape).float()
 
     def gamma(self, u: torch.Tensor) -> torch.Tensor:
         return self(u)[0]
