@@ -149,13 +149,30 @@ class _Blocks(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.checkpointing = checkpointing
 
+    def step(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, use_reentrant=False)
+        return block(h)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            if self.checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, use_reentrant=False)
-            else:
-                h = block(h)
+            h = self.step(block, h)
         return h
+
+
+def _run(h: torch.Tensor, *stages: _Blocks) -> torch.Tensor:
+    """``stages`` one block after another in one frame, each input freed once used.
+
+    A nested module call ``mid(down(h))`` keeps ``h`` alive until ``down`` returns, since
+    ``nn.Module.__call__`` holds its arguments in a tuple: for the encoder that was conv_in's
+    full-resolution output through the entire down pass, +128 MiB of inference peak at 512 px
+    (+9% over diffusers, bench/RESULTS.md). A plain function call hands its argument over
+    (CPython >= 3.11 moves it into the callee's frame), so here only ``h`` refers to it.
+    """
+    for stage in stages:
+        for block in stage.blocks:
+            h = stage.step(block, h)
+    return h
 
 
 def _mid(channels: int, cfg: VAEModelConfig) -> _Blocks:
@@ -187,7 +204,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.down(self.conv_in(x)))
+        h = _run(self.conv_in(x), self.down, self.mid)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -212,7 +229,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)  # the adaptive-weight layer
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.up(self.mid(self.conv_in(z)))
+        h = _run(self.conv_in(z), self.mid, self.up)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
