@@ -7,8 +7,8 @@ Two figures per impl, in MiB, whose sum is the impl's peak footprint on its own:
   resident set (CPU) or of ``torch.cuda.memory_allocated`` (GPU).
 - ``run``: the high-water mark of one run above the level before it (activations,
   gradients, workspace), an extra run after the timed ones: the trim below makes the run
-  after it fault its pages in again, which must not be timed. CPU: the kernel's ``VmHWM`` is reset through /proc/self/clear_refs
-  (Linux >= 4.0) before the run and read after it, and free heap memory is handed back with
+  after it fault its pages in again, which must not be timed. CPU: the kernel's ``VmHWM``
+  is reset through /proc/self/clear_refs (Linux >= 4.0) before the run and read after it, and free heap memory is handed back with
   ``malloc_trim`` first so that the run's allocations show up as new resident pages instead
   of reusing what the other impl freed. GPU: ``torch.cuda.reset_peak_memory_stats`` and
   ``max_memory_allocated``.

@@ -18,18 +18,15 @@ import torch
 
 from stages.common.data import iter_split
 from stages.unet.export import load_unet
+from stages.unet.objectives import vdm_diffusion
 
 
 @torch.no_grad()
 def diffusion_terms(loaded, x0: torch.Tensor, u: torch.Tensor, noise: torch.Tensor):
-    """(B,) per-sample diffusion loss 1/2 gamma'(u) ||noise - noise_hat||^2 in bits/dim."""
-    schedule = loaded.objective.learned_schedule
-    gamma, dgamma = schedule(u)
-    alpha, sigma = torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
-    x_u = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * noise
-    noise_hat = loaded.model(x_u, u, None).float()
-    mse = (noise - noise_hat).square().flatten(1).sum(1)
-    return 0.5 * dgamma * mse / (x0[0].numel() * math.log(2))
+    """(B,) per-sample diffusion term of the export's bound, in bits/dim."""
+    gamma, dgamma = loaded.objective.learned_schedule(u)
+    nats = vdm_diffusion(loaded.model, x0, None, u, noise, gamma, dgamma)
+    return nats / (x0[0].numel() * math.log(2))
 
 
 def main() -> None:

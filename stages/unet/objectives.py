@@ -89,6 +89,23 @@ def discretized_gaussian_log_likelihood(
     return torch.log((upper - lower).clamp(min=1e-12))
 
 
+def vdm_diffusion(
+    model: Model,
+    x0: torch.Tensor,
+    cond: Any,
+    u: torch.Tensor,
+    noise: torch.Tensor,
+    gamma: torch.Tensor,
+    dgamma: torch.Tensor,
+) -> torch.Tensor:
+    """VDM's per-sample diffusion term (eq. 17), (B,) nats: 1/2 gamma'(u) ||noise - noise_hat||^2
+    at z_u = alpha x0 + sigma noise, alpha^2 = sigmoid(-gamma(u))."""
+    alpha, sigma = torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
+    x_u = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise
+    noise_hat = model(x_u, u, cond).float()
+    return 0.5 * dgamma * (noise - noise_hat).square().flatten(1).sum(1)
+
+
 class Objective:
     """The maths of one objective; holds its schedule (a module for ``vdm``)."""
 
@@ -185,11 +202,7 @@ class Objective:
         gamma, dgamma = gamma_all[:-2], dgamma_all[:-2]
         gamma_0, gamma_1 = gamma_all[-2], gamma_all[-1]
         dims = x0[0].numel()
-        alpha, sigma = torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
-        x_u = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise
-        noise_hat = model(x_u, u, cond).float()
-        mse = (noise - noise_hat).square().flatten(1).sum(1)  # (B,)
-        diffusion = 0.5 * dgamma * mse
+        diffusion = vdm_diffusion(model, x0, cond, u, noise, gamma, dgamma)
         # KL(N(alpha_1 x, sigma_1^2) || N(0, 1)) per element, summed: the prior term.
         var_1 = torch.sigmoid(gamma_1)
         kl = 0.5 * (var_1 + (1 - var_1) * x0.float().square() - torch.log(var_1) - 1)

@@ -164,7 +164,7 @@ class VarianceGradient:
         if self.factor is None:
             raise RuntimeError("VarianceGradient.set(losses) must be called before backward")
         n = self.factor.numel()
-        return torch.cat([grad[:n] * self.factor.to(grad.device), grad[n:]])
+        return torch.cat([grad[:n] * self.factor, grad[n:]])
 
 
 class LearnedSchedule(nn.Module):
