@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline generate|interactive|serve|demo``.
+"""Command line: ``python -m pipeline generate|interactive|serve|demo|evaluate``.
 
 Thin: parse, build a ``Text2Image`` from ``runs/<preset>/{vae,clip,unet}/export`` (or the
 folders given), call it, write PNGs. Sampling defaults come from ``SampleConfig`` and
@@ -10,6 +10,7 @@ folders given), call it, write PNGs. Sampling defaults come from ``SampleConfig`
     python -m pipeline interactive --folder samples
     python -m pipeline serve --host 127.0.0.1 --port 8000
     python -m pipeline demo --out runs/tiny/demo.png
+    python -m pipeline evaluate --preset tiny        # each stage's figures, as a table
 """
 
 from __future__ import annotations
@@ -97,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-prompt", type=int, default=4, help="seeds per prompt")
     _add_sampling_args(demo, with_prompt_options=False)
     _add_model_args(demo)
+
+    ev = commands.add_parser(
+        "evaluate", help="measure the VAE, CLIP and text-to-image exports (pipeline/evaluate.py)"
+    )
+    ev.add_argument("--data", type=Path, help="data folder (default: the UNet export's)")
+    ev.add_argument(
+        "--stages", default="vae,clip,unet", help="comma-separated subset of vae,clip,unet"
+    )
+    ev.add_argument("--num-images", type=int, default=128, help="images per prompt set")
+    ev.add_argument("--probe-seeds", type=int, default=4, help="images per probe prompt")
+    _add_sampling_args(ev, with_prompt_options=False)
+    _add_model_args(ev)
     return parser
 
 
@@ -243,11 +256,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from stages.common.export import read_config
+
+    from .evaluate import STAGES, EvaluateSettings, evaluate, format_table
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        raise ValueError(f"--stages takes a subset of {','.join(STAGES)}, got {args.stages!r}")
+    if args.num_images < 1 or args.probe_seeds < 1:
+        raise ValueError("--num-images and --probe-seeds must be at least 1")
+    config = sample_config(args)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    folders = export_folders(args)
+    # The data and resolution the last stage asked for was trained on (its config.json).
+    last = getattr(folders, stages[-1])
+    if not (last / "config.json").exists():
+        raise ExportError(f"no {stages[-1]} export at {last}: train it with `make {stages[-1]}`")
+    trained = read_config(last)["data"]
+    data = args.data or Path(trained["path"])
+    if not (data / "val" / "manifest.json").exists():
+        raise ValueError(f"{data} has no val/manifest.json: pass --data <the data folder>")
+    settings = EvaluateSettings(
+        data=data,
+        resolution=int(trained["resolution"]),
+        num_images=args.num_images,
+        probe_seeds=args.probe_seeds,
+        seed=config.seed,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        sampler=args.sampler,
+        shift=args.shift,
+    )
+    start = time.perf_counter()
+    results = evaluate(folders, settings, stages, device=config.device, precision=config.precision)
+    print(format_table(results))
+    print(
+        f"evaluated in {time.perf_counter() - start:.1f} s; written to <export>/../eval/",
+        file=sys.stderr,
+    )
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "interactive": cmd_interactive,
     "serve": cmd_serve,
     "demo": cmd_demo,
+    "evaluate": cmd_evaluate,
 }
 
 

@@ -21,7 +21,12 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 
 
-def draw_sample(rng: random.Random, resolution: int) -> tuple[Image.Image, str]:
+CAPTION = "a {colour} {shape}"
+
+
+def draw_sample(
+    rng: random.Random, resolution: int, caption: str = CAPTION
+) -> tuple[Image.Image, str]:
     colour = rng.choice(sorted(COLOURS))
     shape = rng.choice(SHAPES)
     image = Image.new("RGB", (resolution, resolution), "white")
@@ -37,11 +42,17 @@ def draw_sample(rng: random.Random, resolution: int) -> tuple[Image.Image, str]:
         draw.rectangle(box, fill=fill)
     else:
         draw.polygon([(x0 + size / 2, y0), (x0, y0 + size), (x0 + size, y0 + size)], fill=fill)
-    return image, f"a {colour} {shape}"
+    return image, caption.format(colour=colour, shape=shape)
 
 
 def write_split(
-    folder: Path, split: str, count: int, resolution: int, shard_size: int, seed: int
+    folder: Path,
+    split: str,
+    count: int,
+    resolution: int,
+    shard_size: int,
+    seed: int,
+    caption: str = CAPTION,
 ) -> ShardManifest:
     out = Path(folder) / split
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +62,7 @@ def write_split(
         name = f"shard-{index:06d}.tar"
         with wds.TarWriter(str(out / name)) as sink:
             for i in range(start, min(count, start + shard_size)):
-                image, caption = draw_sample(rng, resolution)
+                image, text = draw_sample(rng, resolution, caption)
                 buf = io.BytesIO()
                 image.save(buf, format="PNG")
                 key = f"{split}{i:06d}"
@@ -59,8 +70,8 @@ def write_split(
                     {
                         "__key__": key,
                         "png": buf.getvalue(),
-                        "txt": caption,
-                        "json": json.dumps({"key": key, "caption": caption}),
+                        "txt": text,
+                        "json": json.dumps({"key": key, "caption": text}),
                     }
                 )
         shards.append(
@@ -85,7 +96,9 @@ def make_shards(
     resolution: int = 16,
     shard_size: int = 20,
     seed: int = 0,
+    caption: str = CAPTION,
 ) -> Path:
-    write_split(folder, "train", n_train, resolution, shard_size, seed)
-    write_split(folder, "val", n_val, resolution, shard_size, seed)
+    """``caption`` is a format string of ``colour`` and ``shape``."""
+    write_split(folder, "train", n_train, resolution, shard_size, seed, caption)
+    write_split(folder, "val", n_val, resolution, shard_size, seed, caption)
     return Path(folder)

@@ -292,7 +292,8 @@ def test_stage_contract_without_the_trainer(tiny_shards, tmp_path):
     out["loss"].backward()
     assert all(p.grad is not None for m in modules.values() for p in m.parameters())
     metrics = stage.validate(modules, step=0)
-    assert set(metrics) == {"l1", "psnr", "ssim", "kl"} and 0 < metrics["psnr"] < 100
+    assert set(metrics) == {"l1", "psnr", "ssim", "kl", "delta_e"} and 0 < metrics["psnr"] < 100
+    assert metrics["delta_e"] > 0  # an untrained VAE changes colours
     stage.preview({"ema": modules, "raw": modules}, 5, tmp_path / "previews")
     image = Image.open(tmp_path / "previews" / "vae_0000005.png")
     assert image.size == (4 * 18 + 2, 3 * 18 + 2)  # 4 columns, rows: originals, EMA, raw

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.common.captions import CaptionAugmentConfig, augment_captions
 from stages.common.checkpoint import CheckpointConfig
 from stages.common.data import (
     CorruptSample,
@@ -34,6 +35,7 @@ from stages.common.data import (
 from stages.common.ema import EMAConfig
 from stages.common.export import ExportError
 from stages.common.optim import OptimConfig
+from stages.common.probe import ProbeConfig, Reference, find_references, text_probe
 from stages.common.stage import ResumableLoader, RunContext
 from stages.common.trainer import TrainConfig, unwrap
 from stages.vae.export import LoadedVAE, load_vae
@@ -46,7 +48,7 @@ from .cache import (
     wait_for_file,
 )
 from .export import build_clip_modules, save_clip_export
-from .loss import LogitScale, LossConfig, contrastive_loss
+from .loss import LogitScale, LossConfig, caption_groups, contrastive_loss
 from .model import CLIPModelConfig, ImageTower, TextEncoder
 from .tokenizer import CLIPTokenizer, train_tokenizer
 
@@ -67,6 +69,7 @@ class ValConfig:
     batch_size: int = 256
     preview_images: int = 8  # val images whose top-1 caption the preview lists
     preview_candidates: int = 64  # captions they are matched against
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # attribute x object prompts
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class CLIPConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     val: ValConfig = field(default_factory=ValConfig)
     cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
+    captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
 
 
 def read_captions(split_dir: Path, limit: int = 0) -> list[str]:
@@ -182,6 +186,7 @@ class CLIPStage:
         else:
             self.image_channels, self.image_size = 3, config.data.resolution
         self.tokenizer = prepare_tokenizer(ctx.run_dir, config)
+        self._references: list[Reference] | None = None
 
     # ------------------------------------------------------------------ the trainer's calls
 
@@ -239,9 +244,11 @@ class CLIPStage:
         return F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
 
     def loss(self, modules: dict[str, nn.Module], batch: Any, step: int) -> dict[str, torch.Tensor]:
-        image_emb, text_emb = self._embed(modules, batch)
+        captions = augment_captions(list(batch["caption"]), self.config.captions)
+        image_emb, text_emb = self._embed(modules, {**batch, "caption": captions})
         scale = modules["logit_scale"]()
-        loss, accuracy = contrastive_loss(image_emb, text_emb, scale)
+        groups = caption_groups(captions, image_emb.device)
+        loss, accuracy = contrastive_loss(image_emb, text_emb, scale, groups)
         return {"loss": loss, "batch_i2t_acc": accuracy, "logit_scale": scale.detach()}
 
     @torch.no_grad()
@@ -259,7 +266,32 @@ class CLIPStage:
             labels += [class_of.setdefault(tuple(row), len(class_of)) for row in ids.tolist()]
         if not images:
             raise ValueError(f"{val_dir}: no readable validation sample")
-        return retrieval_metrics(torch.cat(images), torch.cat(texts), torch.tensor(labels))
+        metrics = retrieval_metrics(torch.cat(images), torch.cat(texts), torch.tensor(labels))
+        return {**metrics, **self.probe(bare)}
+
+    @torch.no_grad()
+    def probe(self, bare: dict[str, nn.Module]) -> dict[str, float]:
+        """The attribute x object probe (``stages.common.probe``): the text side, and when
+        the train split has the probe's images, the share of them whose own prompt ranks
+        first among the probe prompts (``probe_i2t_r1``)."""
+        cfg = self.config.val.probe
+        prompts = [p for p, _, _ in cfg.prompts()]
+        device = next(bare["text"].parameters()).device
+        ids, mask = self.tokenizer.encode(prompts)
+        text_emb = F.normalize(
+            bare["text"](ids.to(device), mask.to(device)).embedding.float(), dim=-1
+        )
+        out = text_probe(text_emb.cpu(), cfg)
+        if self._references is None:
+            train_dir = Path(self.config.data.path) / "train"
+            self._references = find_references(train_dir, cfg, self.config.data.resolution)
+        if self._references:
+            images = torch.stack([r.image for r in self._references])
+            image_emb = bare["image"](self.tower_inputs({"image": images}, device)).float()
+            best = (F.normalize(image_emb, dim=-1) @ text_emb.T).argmax(dim=1).tolist()
+            hits = [prompts[j] == r.prompt for j, r in zip(best, self._references)]
+            out["probe_i2t_r1"] = sum(hits) / len(hits)
+        return out
 
     @torch.no_grad()
     def preview(self, modules: dict[str, dict[str, nn.Module]], step: int, folder: Path) -> None:

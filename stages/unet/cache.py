@@ -8,6 +8,7 @@ the split once and stores per sample:
                                                  z = mean + std * eps, so sampling stays possible
     tokens (L, D), pooled (D,)  float16 (or float32)  the text encoder's output
     mask (L,) bool                                    True = real token
+    caption (in index.json)                           re-encoded when captions are augmented
 
 in safetensors shards plus ``index.json`` (every shard's sample count and sha256) under
 ``<run>/cache/<key>/``, where ``key`` = sha256 of (VAE export hash, CLIP export hash, shard
@@ -40,7 +41,7 @@ from stages.vae.export import LoadedVAE
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "minisd-unet-cache/1"
+CACHE_FORMAT = "minisd-unet-cache/2"  # 2: the index holds the captions
 INDEX = "index.json"
 FIELDS = ("latent_mean", "latent_std", "tokens", "mask", "pooled")
 
@@ -130,6 +131,7 @@ def build_cache(
     shards: list[dict[str, Any]] = []
     pending: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS}
     keys: list[str] = []
+    captions: list[str] = []
     skipped = 0
     start = time.perf_counter()
     batches = iter_split(split_dir, cfg.batch_size, resolution, num_workers=num_workers)
@@ -139,6 +141,7 @@ def build_cache(
             value = encoded[name].cpu()
             pending[name].append(value.to(text_dtype) if name in ("tokens", "pooled") else value)
         keys += batch["key"]
+        captions += batch["caption"]
         skipped += batch.get("skipped", 0)
         while sum(len(v) for v in pending["mask"]) >= cfg.shard_size:
             merged = {name: torch.cat(values) for name, values in pending.items()}
@@ -160,6 +163,7 @@ def build_cache(
         "text_shape": list(encoded["tokens"].shape[1:]),
         "shards": shards,
         "keys": keys,
+        "captions": captions,
         "seconds": round(time.perf_counter() - start, 3),
     }
     write_json_atomic(tmp / INDEX, index)
@@ -216,22 +220,25 @@ class CachedLatents(Dataset):
         loaded = [load_file(str(Path(folder) / s["name"])) for s in index["shards"]]
         self.tensors = {name: torch.cat([part[name] for part in loaded]) for name in FIELDS}
         self.keys = list(index["keys"])
+        self.captions = list(index["captions"])
         if self.tensors["mask"].shape[0] != len(self.keys):
             raise CacheError(f"{folder}: {INDEX} lists {len(self.keys)} keys but shards differ")
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {name: t[i] for name, t in self.tensors.items()}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**{name: t[i] for name, t in self.tensors.items()}, "caption": self.captions[i]}
 
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         # One gather per field for the whole batch (DataLoader's batched fetch).
         rows = torch.as_tensor(indices, dtype=torch.long)
-        return {name: t[rows] for name, t in self.tensors.items()}
+        batch: dict[str, Any] = {name: t[rows] for name, t in self.tensors.items()}
+        batch["caption"] = [self.captions[i] for i in indices]  # for caption augmentation
+        return batch
 
 
-def collate_cached(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def collate_cached(batch: dict[str, Any]) -> dict[str, Any]:
     """``__getitems__`` already returns a stacked batch."""
     return batch
 

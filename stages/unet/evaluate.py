@@ -3,6 +3,8 @@
 - **CLIP score** (Hessel et al. 2021, w = 100): 100 * mean(max(cos(image, caption), 0)) with
   the CLIP export's image and text towers, over images generated for val captions
   (text-conditional models only).
+- **R-precision** (Xu et al. 2018): whether each generated image's own caption ranks first
+  among it and 99 other val captions by the same CLIP similarity.
 - **Fréchet distance** between the image-tower embeddings of generated and of real val
   images (FID's formula in a CLIP export's embedding space):
       FD = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2)
@@ -83,6 +85,35 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
     """100 * mean over pairs of max(cos, 0); embeddings (N, E) L2-normalised."""
     return float(100 * (image_emb * text_emb).sum(-1).clamp(min=0).mean())
+
+
+def r_precision(
+    image_emb: torch.Tensor,
+    texts: list[str],
+    embed_texts: Any,
+    seed: int,
+    candidates: int = 100,
+) -> float:
+    """R-precision (Xu et al. 2018, AttnGAN): the share of images whose own text ranks first
+    among itself and ``candidates - 1`` other distinct texts of ``texts`` drawn at random.
+
+    image_emb (N, E) normalised, ``texts`` the N prompts they were generated from;
+    ``embed_texts(list[str]) -> (M, E)`` normalised. With fewer distinct texts than
+    ``candidates`` every other one is a candidate (so the chance level is 1 / pool size).
+    """
+    pool = list(dict.fromkeys(texts))
+    pool_emb = embed_texts(pool).float().cpu()  # (P, E)
+    where = {t: i for i, t in enumerate(pool)}
+    others = min(candidates - 1, len(pool) - 1)
+    generator = torch.Generator().manual_seed(seed)
+    hits = 0
+    for emb, text in zip(image_emb.float().cpu(), texts):
+        own = where[text]
+        draw = torch.randperm(len(pool) - 1, generator=generator)[:others]
+        draw = draw + (draw >= own).long()  # skip the own text
+        scores = pool_emb @ emb  # (P,)
+        hits += int(bool(others == 0 or scores[own] > scores[draw].max()))
+    return hits / max(len(texts), 1)
 
 
 class ImageEmbedder:
@@ -258,6 +289,9 @@ class Evaluator:
             generated = self.embedder.embed_samples(latents.float(), self.autoencoder)
             if self.text is not None:
                 out["clip_score"] = clip_score(generated, self._embed_texts(self.captions))
+                out["r_precision"] = r_precision(
+                    generated, self.captions, self._embed_texts, self.cfg.seed
+                )
             assert self.real is not None
             out["fd"] = frechet_distance(generated, self.real)
         if self.bpd_images is not None:

@@ -10,7 +10,7 @@ Layout (as in Stable Diffusion's UNet, sized by ``UNetConfig``):
 
 Conditioning: ``t`` in [0, 1] goes through a sinusoidal embedding of ``t * time_scale`` and an
 MLP; the pooled text state (B, D) is projected and added to that embedding, which every
-ResBlock adds to its features. Transformer blocks attend to themselves and, through
+ResBlock adds to its features (or, with ``scale_shift``, uses to scale and shift them). Transformer blocks attend to themselves and, through
 cross-attention, to the text token states (B, L, D) with the padding mask (True = real token)
 passed to SDPA as a boolean ``attn_mask`` of shape (B, 1, 1, L). Attention is placed at the
 latent resolutions listed in ``attention_resolutions`` (relative to ``sample_size``).
@@ -52,6 +52,7 @@ class UNetConfig:
     head_dim: int = 32  # heads = channels // head_dim
     transformer_depth: int = 1
     ff_mult: int = 4  # GEGLU feed-forward inner width = ff_mult * channels; 0: none
+    scale_shift: bool = False  # the embedding scales and shifts normalised activations
     groups: int = 32  # GroupNorm groups (capped by channels)
     dropout: float = 0.0
     time_scale: float = 1000.0  # sinusoid of t * time_scale, t in [0, 1]
@@ -80,13 +81,28 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the time embedding added in between, a skip projection."""
+    """GroupNorm-SiLU-conv twice, the embedding in between, a skip projection.
 
-    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, dropout: float):
+    The embedding (time + pooled text) enters either added before ``norm2`` (Stable
+    Diffusion) or, with ``scale_shift``, as a per-channel scale and shift of the normalised
+    activations, ``norm2(h) * (1 + s) + b`` (Dhariwal & Nichol 2021, "AdaGN"): an offset added
+    before a GroupNorm is partly removed again by the group mean, a scale after it is not.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        temb_dim: int,
+        groups: int,
+        dropout: float,
+        scale_shift: bool = False,
+    ):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = group_norm(cin, groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.temb = nn.Linear(temb_dim, cout)
+        self.temb = nn.Linear(temb_dim, 2 * cout if scale_shift else cout)
         self.norm2 = group_norm(cout, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
@@ -94,8 +110,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        emb = self.temb(F.silu(temb))[:, :, None, None]  # (B, C or 2C, 1, 1)
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -216,7 +237,7 @@ class Level(nn.Module):
 
     def __init__(self, cin: int, cout: int, temb_dim: int, attention: bool, cfg: UNetConfig):
         super().__init__()
-        self.res = ResBlock(cin, cout, temb_dim, cfg.groups, cfg.dropout)
+        self.res = ResBlock(cin, cout, temb_dim, cfg.groups, cfg.dropout, cfg.scale_shift)
         self.attn = SpatialTransformer(cout, cfg) if attention else None
 
     def forward(self, x, temb, tokens, mask):
@@ -270,9 +291,9 @@ class UNet(nn.Module):
                 self.downsample.append(Downsample(cout))
                 skips.append(cout)
                 size //= 2
-        self.mid_res1 = ResBlock(cin, cin, temb_dim, cfg.groups, cfg.dropout)
+        self.mid_res1 = ResBlock(cin, cin, temb_dim, cfg.groups, cfg.dropout, cfg.scale_shift)
         self.mid_attn = SpatialTransformer(cin, cfg)
-        self.mid_res2 = ResBlock(cin, cin, temb_dim, cfg.groups, cfg.dropout)
+        self.mid_res2 = ResBlock(cin, cin, temb_dim, cfg.groups, cfg.dropout, cfg.scale_shift)
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for i, cout in reversed(list(enumerate(channels))):

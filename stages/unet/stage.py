@@ -3,7 +3,9 @@
 The stage loads the VAE and CLIP exports (refusing a CLIP export trained on another VAE),
 resolves the network's input channels, context width and latent side from them, and holds
 them frozen. Training reads the latent cache (``cache.py``) or, with ``cache.enabled =
-false``, encodes each batch on the fly with the same maths.
+false``, encodes each batch on the fly with the same maths. With ``captions.enabled`` the
+captions are rewritten each step (the name alone, fewer tags, no style: as people type
+them) and the text is encoded on the fly from the cache's captions.
 
 ``inputs.autoencoder = "identity"`` trains on pixels (no VAE export needed, no latent
 statistics) and ``inputs.text = false`` trains an unconditional model (no CLIP export);
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from stages.clip.export import LoadedCLIP, load_clip
+from stages.common.captions import CaptionAugmentConfig, augment_captions
 from stages.common.checkpoint import CheckpointConfig
 from stages.common.config import ConfigError, to_dict
 from stages.common.data import DataConfig, ResumableBatches, ShardLoader
@@ -71,6 +74,7 @@ class UNetStageConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     sample: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
 
 
 class UpstreamMismatch(ExportError):
@@ -254,8 +258,13 @@ class UNetStage:
     def loss(self, modules: dict[str, nn.Module], batch: Any, step: int) -> dict[str, torch.Tensor]:
         unet = modules["unet"]
         device = next(unet.parameters()).device
+        augment = self.clip is not None and self.config.captions.enabled
+        if augment:  # rewritten captions (stages/common/captions.py), encoded below
+            batch = {**batch, "caption": augment_captions(batch["caption"], self.config.captions)}
         if "image" not in batch:  # from the latent cache
             x0, cond = latents_and_condition(batch, self.vae, device)
+            if augment:  # the cached states are of the captions as written
+                cond = self.clip.encode_text(batch["caption"]).to(device)
         elif self.clip is not None and "vae" in self.hashes:  # on the fly, the cache's maths
             encoded = encode_batch(self.vae, self.clip, batch["image"], batch["caption"])
             x0, cond = latents_and_condition(encoded, self.vae, device)

@@ -5,7 +5,8 @@
   keeps the GAN terms' gradients disjoint). LPIPS is frozen and held by the loss object.
 - Validation reconstructs the val split (or ``val.max_batches`` batches of it) from the
   posterior mean with the modules it is given; every rank computes it alone on the bare
-  network (no collective). Keys: l1, psnr, ssim, kl and lpips when LPIPS is built.
+  network (no collective). Keys: l1, psnr, ssim, delta_e (CIELAB), lpips when LPIPS is built,
+  each also per data style (``psnr/flat colour emoji``), and ``probe_colours_kept``.
   The best checkpoint is chosen on ``val.metric`` (lpips and l1 lower, psnr and ssim higher).
 - Export: after training, per-channel latent statistics over ``stats.batches`` training
   batches: ``mean`` = the mean of posterior means, ``std`` = the std of *sampled* latents
@@ -27,14 +28,15 @@ from stages.common.config import ConfigError
 from stages.common.data import DataConfig, ShardLoader, iter_split
 from stages.common.ema import EMAConfig
 from stages.common.optim import OptimConfig
+from stages.common.probe import ColourShapeJudge, ProbeConfig, Reference, find_references
 from stages.common.stage import RunContext
 from stages.common.trainer import TrainConfig, unwrap
 
 from .augment import AugmentConfig, build_augment
 from .discriminator import NLayerDiscriminator
+from .evaluate import colours_kept, reconstruction_report, save_worst_grid
 from .export import save_vae_export
 from .loss import VAELoss, VAELossConfig
-from .metrics import reconstruction_metrics
 from .model import AutoencoderKL, DiagonalGaussian, VAEModelConfig
 
 METRIC_DIRECTION: dict[str, Literal["min", "max"]] = {
@@ -51,6 +53,8 @@ class ValConfig:
     max_batches: int = 0  # 0: the whole val split
     metric: Literal["lpips", "l1", "psnr", "ssim"] = "lpips"  # keeps the best checkpoint
     preview_images: int = 8  # val images shown as originals / EMA / raw rows
+    worst_images: int = 8  # worst val reconstructions (by delta E) in previews/vae_worst_*
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # colours kept (see probe.py)
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class VAEStage:
         self.loss_fn = VAELoss(config.loss)  # builds (and checks) LPIPS up front
         self.augment = build_augment(config.augment)
         self._preview_images: torch.Tensor | None = None
+        self._references: list[Reference] | None = None
 
     # ------------------------------------------------------------------ training
 
@@ -178,32 +183,47 @@ class VAEStage:
                 return
             yield batch
 
+    def _probe_references(self) -> list[Reference]:
+        """The probe's coloured reference images of the train split (found once)."""
+        if self._references is None:
+            cfg = self.config
+            self._references = find_references(
+                cfg.data.split_dir("train"), cfg.val.probe, cfg.data.resolution
+            )
+        return self._references
+
     @torch.no_grad()
     def validate(self, modules: dict[str, nn.Module], step: int) -> dict[str, float]:
+        """Val metrics overall and per style (``stages.vae.evaluate``), the probe's colours
+        kept, and a grid of the worst val reconstructions by delta E in ``previews/``."""
         vae = unwrap(modules["vae"])
         was_training = vae.training
         vae.eval()
         device = _device(vae)
         lpips_net = self.loss_fn.lpips
-        if lpips_net is not None:
-            lpips_net.to(device)
-        sums: dict[str, float] = {}
-        count = 0
+
+        def reconstruct(x: torch.Tensor) -> torch.Tensor:
+            return vae.decode(vae.encode(x.to(device)).mode())
+
+        def with_kl(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            posterior = vae.encode(x.to(device))
+            return vae.decode(posterior.mode()), {"kl": posterior.kl()}
+
         try:
-            for batch in self._val_batches():
-                x = batch["image"].to(device)
-                posterior = vae.encode(x)
-                recon = vae.decode(posterior.mode())
-                per_image = reconstruction_metrics(x, recon, lpips_net)
-                per_image["kl"] = posterior.kl()
-                for key, values in per_image.items():
-                    sums[key] = sums.get(key, 0.0) + values.double().sum().item()
-                count += x.shape[0]
+            metrics, worst = reconstruction_report(
+                with_kl, self._val_batches(), lpips_net, self.config.val.worst_images
+            )
+            references = self._probe_references()
+            if references:
+                kept = colours_kept(reconstruct, references, ColourShapeJudge(references))
+                metrics["probe_colours_kept"] = kept["probe_colours_kept"]
+        except ValueError as err:
+            raise ValueError(f"{self.config.data.split_dir('val')}: {err}") from err
         finally:
             vae.train(was_training)
-        if count == 0:
-            raise ValueError(f"{self.config.data.split_dir('val')}: no validation sample")
-        return {key: total / count for key, total in sums.items()}
+        if worst is not None:
+            save_worst_grid(worst, self.ctx.run_dir / "previews" / f"vae_worst_{step:07d}.png")
+        return metrics
 
     def preview(self, modules: dict[str, dict[str, nn.Module]], step: int, folder: Path) -> None:
         """One PNG: originals, then reconstructions (posterior mean) by EMA and raw weights."""
