@@ -16,12 +16,19 @@ from stages.unet.samplers import SamplingConfig
 from .png import save_png
 from .text2image import Text2Image
 
-# In the caption style of the emoji data (preprocess/emoji_captions.py): the Unicode name,
+# Short prompts as people type them (colours and shapes the data holds, and object names),
+# then full captions in the data's style (preprocess/emoji_captions.py): the Unicode name,
 # then the style phrase of one of the three sources.
 DEMO_PROMPTS = (
+    "red heart",
+    "green circle",
+    "blue square",
+    "purple heart",
+    "yellow circle",
+    "red apple",
+    "grinning face",
     "red apple; flat colour emoji",
     "grinning face; flat colour emoji",
-    "black heart; flat colour emoji",
     "sun; outlined colour emoji",
     "dog face; outlined colour emoji",
     "rocket; black line-art emoji",

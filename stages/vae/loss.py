@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from stages.common.config import ConfigError
+from stages.common.probe import to_lab
 from stages.common.trainer import unwrap
 
 from .model import DiagonalGaussian
@@ -40,6 +41,7 @@ from .model import DiagonalGaussian
 @dataclass(frozen=True)
 class VAELossConfig:
     l1_weight: float = 1.0
+    chroma_weight: float = 0.0  # L1 of the CIELAB a*, b* difference / 100 (colour, not lightness)
     lpips_weight: float = 1.0  # 0 disables LPIPS: it is then not even built
     lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
     lpips_backbone: Literal["pretrained", "random"] = "pretrained"  # random: tests only
@@ -159,6 +161,12 @@ class VAELoss:
         l1 = (recon.float() - x.float()).abs().mean()
         nll = cfg.l1_weight * l1
         out: dict[str, torch.Tensor] = {"l1": l1.detach()}
+        if cfg.chroma_weight > 0:
+            # L1 of CIELAB (a*, b*) / 100: the colour, apart from lightness. RGB L1 learns the
+            # data's rare colour directions last (green-magenta in emoji: README).
+            chroma = (to_lab(recon)[:, 1:] - to_lab(x)[:, 1:]).abs().mean() / 100
+            nll = nll + cfg.chroma_weight * chroma
+            out["chroma"] = chroma.detach()
         if self.lpips is not None:
             p_loss = self.perceptual(x, recon).mean()
             nll = nll + cfg.lpips_weight * p_loss
