@@ -355,3 +355,27 @@ def test_end_to_end_tiny_run_writes_an_export(tiny_shards, tmp_path):
     assert (run / "previews" / "vae_0000004.png").exists()
     assert run_stage("vae", VAEConfig, VAEStage, argv) == 0  # finished: nothing to do
     assert load_vae(run / "export").hash == vae.hash
+
+
+def test_chroma_term_sees_colour_not_lightness():
+    loss_fn = VAELoss(VAELossConfig(lpips_weight=0, discriminator=False, chroma_weight=1.0))
+    posterior = DiagonalGaussian(torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2))
+    green = torch.tensor([-0.4, 0.4, -0.6]).view(1, 3, 1, 1).expand(2, 3, 8, 8)
+    grey = torch.zeros(2, 3, 8, 8)
+    same = loss_fn(green, green.clone(), posterior, step=0)
+    assert same["chroma"].item() < 1e-4
+    assert loss_fn(green, grey, posterior, step=0)["chroma"].item() > 0.2  # a*, b* lost
+    # two greys of different lightness differ in L1, not in chroma
+    assert loss_fn(grey, grey - 0.5, posterior, step=0)["chroma"].item() < 0.02
+    assert "chroma" not in VAELoss(VAELossConfig(lpips_weight=0))(grey, grey, posterior, 0)
+
+
+def test_hue_augmentation_rotates_colour_and_keeps_the_range():
+    torch.manual_seed(0)
+    augment = build_augment(AugmentConfig(hue=1.0))
+    green = torch.tensor([-0.4, 0.6, -0.6]).view(1, 3, 1, 1).expand(8, 3, 4, 4).contiguous()
+    out = augment(green)
+    assert out.shape == green.shape and out.min() >= -1 - 1e-5 and out.max() <= 1 + 1e-5
+    assert (out - green).abs().amax(dim=(1, 2, 3)).gt(0.05).sum() >= 6  # most rotated
+    white = torch.ones(2, 3, 4, 4)
+    torch.testing.assert_close(augment(white), white, atol=1e-5, rtol=0)  # no hue to rotate
