@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.error
 from pathlib import Path
@@ -355,3 +356,22 @@ def test_end_to_end_tiny_run_writes_an_export(tiny_shards, tmp_path):
     assert (run / "previews" / "vae_0000004.png").exists()
     assert run_stage("vae", VAEConfig, VAEStage, argv) == 0  # finished: nothing to do
     assert load_vae(run / "export").hash == vae.hash
+
+
+def test_fine_tuning_takes_the_exports_autoencoder(tiny_shards, tmp_path):
+    cfg = tiny_stage_config(tiny_shards)
+    torch.manual_seed(0)
+    source = AutoencoderKL(cfg.model)
+    export = tmp_path / "export"
+    export_hash = save_vae_export(source, cfg, export, torch.zeros(4), torch.ones(4))
+    stage = VAEStage(cfg, RunContext(tmp_path / "runs", "test", "vae"))
+    weights, recorded = stage.init_weights(export)
+    assert recorded == export_hash and set(weights) == {"vae"}
+    torch.manual_seed(1)
+    fresh = stage.build()["vae"]
+    fresh.load_state_dict(weights["vae"], strict=True)
+    for key, value in source.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_channels=16))
+    with pytest.raises(ConfigError, match="model.base_channels"):
+        VAEStage(other, RunContext(tmp_path / "runs", "test", "vae2")).init_weights(export)
