@@ -35,7 +35,22 @@ EXPORT  = $(RUNS)/$(PRESET)/$(1)/export/manifest.json
 
 .PHONY: setup data vae clip unet all sample serve demo test lint format bench clean-runs
 
+# `make data` fetches the emoji packages with npm (Debian's package, installed once as root,
+# like Chromium for `make test`); `make setup` checks for it too, so the demo's first
+# command does not fail half way. Without root it prints the command and goes on: tarballs
+# already in the npm cache or given by hand need no npm.
+define npm_check
+	@if ! command -v npm >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; \
+		else \
+			echo "make data needs npm to fetch the emoji data: sudo apt-get install npm"; \
+		fi; \
+	fi
+endef
+
 setup: $(STAMP)
+	$(npm_check)
 
 # The registry's default torch build (runs on CPU and GPUs); an empty PIP_FIND_LINKS keeps a
 # CPU-only wheel lying on the machine out, since torchvision will not import against it.
@@ -49,6 +64,7 @@ $(STAMP): pyproject.toml Makefile
 data: $(DATA)/train/manifest.json
 
 $(DATA_ROOT)/emoji-%/train/manifest.json: | $(STAMP)
+	$(npm_check)
 	$(PY) -m preprocess emoji --out $(DATA_ROOT) --resolutions $*
 
 vae: $(call EXPORT,vae)

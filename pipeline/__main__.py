@@ -7,6 +7,7 @@ folders given), call it, write PNGs. Sampling defaults come from ``SampleConfig`
     python -m pipeline generate "red apple" --cfg-scale 7.5 --steps 20 --seed 42 --out out.png
     python -m pipeline generate "red apple" --n 4 --out grid.png      # one grid PNG
     python -m pipeline generate "red apple" --n 4 --numbered --out a.png   # a-000.png ...
+    python -m pipeline generate "red apple" --init-image in.png --strength 0.6   # img2img
     python -m pipeline interactive --folder samples
     python -m pipeline serve --host 127.0.0.1 --port 8000
     python -m pipeline demo --out runs/tiny/demo.png
@@ -28,6 +29,7 @@ from stages.common.config import ConfigError, load_config
 from stages.common.export import ExportError
 from stages.unet.samplers import SAMPLERS, SamplingConfig
 
+from .init_image import InitImageError, read_init_image
 from .load import ExportFolders
 from .png import make_grid, save_png
 from .text2image import Generated, SampleConfig, Text2Image
@@ -75,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     layout = gen.add_mutually_exclusive_group()
     layout.add_argument("--grid", action="store_true", help="with --n > 1: one grid (default)")
     layout.add_argument("--numbered", action="store_true", help="with --n > 1: OUT-000.png ...")
+    gen.add_argument(
+        "--init-image", type=Path, help="image-to-image: start from this PNG, JPEG or WebP"
+    )
+    gen.add_argument(
+        "--strength",
+        type=float,
+        help="with --init-image: 0 keeps the image, 1 ignores it (default 0.6)",
+    )
     _add_sampling_args(gen)
     _add_model_args(gen)
 
@@ -150,7 +160,12 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Text2Image, SampleConfig, S
 
 
 def _generate(
-    pipe: Text2Image, sampling: SamplingConfig, seed: int, prompts: list[str], negative: str
+    pipe: Text2Image,
+    sampling: SamplingConfig,
+    seed: int,
+    prompts: list[str],
+    negative: str,
+    **img2img,
 ) -> list[Generated]:
     return pipe.generate(
         prompts,
@@ -161,15 +176,30 @@ def _generate(
         sampler=sampling.sampler,
         shift=sampling.shift,
         eta=sampling.eta,
+        **img2img,
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
+    img2img = {}
+    if args.init_image is not None:
+        try:
+            data = args.init_image.read_bytes()
+        except OSError as err:
+            raise ValueError(f"--init-image: cannot read {args.init_image}: {err}") from None
+        try:
+            image = read_init_image(data)
+        except InitImageError as err:
+            raise ValueError(f"--init-image {args.init_image}: {err}") from None
+        img2img = {"init_image": image, "strength": args.strength}
+    elif args.strength is not None:
+        raise ValueError("--strength needs --init-image")
     pipe, config, sampling = load_pipeline(args)
     start = time.perf_counter()
-    images = _generate(pipe, sampling, config.seed, [args.prompt] * args.n, args.negative)
+    prompts = [args.prompt] * args.n
+    images = _generate(pipe, sampling, config.seed, prompts, args.negative, **img2img)
     per_image = (time.perf_counter() - start) / args.n
     guidance = f"CFG {sampling.cfg_scale}" if pipe.conditional else "unconditional"
     if args.n == 1:

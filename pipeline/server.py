@@ -1,15 +1,19 @@
 """HTTP API and web page around a pipeline object: ``create_app(pipeline, settings)``.
 
-    POST /generate   JSON {prompt, negative_prompt, steps, cfg_scale, seed, sampler, n, format}
+    POST /generate   JSON {prompt, negative_prompt, steps, cfg_scale, seed, sampler, n, format,
+                     init_image, strength}
                      -> {"images": [{"data_uri", "seed", "metadata"}], "settings", ...}, or the
-                     raw PNG (n = 1) when ``Accept: image/png`` or ``"format": "png"``
+                     raw PNG (n = 1) when ``Accept: image/png`` or ``"format": "png"``;
+                     ``init_image`` (a base64 data URI of a PNG, JPEG or WebP) turns on
+                     image-to-image at ``strength`` in [0, 1]
     GET  /health     models loaded, device, export hashes, queue
     GET  /config     allowed ranges and defaults (the page reads them)
     GET  /           the web page (static/index.html, plain HTML + JS)
 
 Requests are checked by a pydantic model built from the settings (422 with one readable
-``detail`` line), bodies over ``max_body_bytes`` are refused (413) both by Content-Length
-and while streaming, generation runs on one worker thread behind a bounded queue (503 when
+``detail`` line; an init image that is too big, of another format, over the pixel cap or
+corrupt is a 422 that says which), bodies over ``body_limit`` are refused (413) both by
+Content-Length and while streaming, generation runs on one worker thread behind a bounded queue (503 when
 full) and each request waits at most ``timeout_s`` (504). Same seed, same image.
 
 No ``from __future__ import annotations`` here: FastAPI must resolve the request model,
@@ -28,11 +32,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 from starlette.exceptions import HTTPException
 
+from .init_image import FORMATS, InitImageError, InitImageLimits, decode_data_uri, read_init_image
 from .png import data_uri
-from .text2image import Generated
+from .text2image import DEFAULT_STRENGTH, Generated
 from .worker import QueueFull, Worker
 
 log = logging.getLogger(__name__)
@@ -57,6 +69,8 @@ class Pipeline(Protocol):
         cfg_scale: float,
         sampler: str,
         shift: float,
+        init_image: Any = None,
+        strength: float | None = None,
     ) -> list[Generated]: ...
 
 
@@ -75,8 +89,19 @@ class ServerSettings:
     shift: float | None = None  # timestep shift; None: the UNet export's recorded default
     queue_size: int = 8  # jobs waiting behind the running one before 503
     timeout_s: float = 300.0  # per request, queueing included, before 504
-    max_body_bytes: int = 16 * 1024
+    max_body_bytes: int = 16 * 1024  # without the init image, which adds its own allowance
     conditional: bool = True  # False (an unconditional UNet): the prompt must be empty
+    init_image: InitImageLimits = InitImageLimits()
+    default_strength: float = DEFAULT_STRENGTH
+
+    @property
+    def max_init_image_chars(self) -> int:
+        """The base64 data URI of the largest init image allowed (4 chars per 3 bytes)."""
+        return -(-self.init_image.max_bytes // 3) * 4 + 64
+
+    @property
+    def body_limit(self) -> int:
+        return self.max_body_bytes + self.max_init_image_chars
 
 
 def request_model(settings: ServerSettings) -> type[BaseModel]:
@@ -105,6 +130,16 @@ def request_model(settings: ServerSettings) -> type[BaseModel]:
         sampler: Literal[settings.samplers] = settings.default_sampler  # type: ignore[valid-type]
         n: int = Field(1, ge=1, le=settings.max_n)
         format: Literal["json", "png"] = "json"
+        init_image: str | None = None  # its size is checked decoded (and by the body limit)
+        strength: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+
+        @field_validator("strength")
+        @classmethod
+        def _strength_needs_an_image(cls, strength: float | None, info: ValidationInfo):
+            # init_image is validated first; when it failed, that error is the one to show.
+            if strength is not None and info.data.get("init_image", "") is None:
+                raise ValueError("applies to image-to-image only: give init_image")
+            return strength
 
     return GenerateRequest
 
@@ -129,6 +164,12 @@ def config_payload(settings: ServerSettings, pipeline: Pipeline) -> dict[str, An
         "default_sampler": settings.default_sampler,
         "resolution": pipeline.resolution,
         "timeout_s": settings.timeout_s,
+        "init_image": {
+            "max_bytes": settings.init_image.max_bytes,
+            "max_pixels": settings.init_image.max_pixels,
+            "types": [f"image/{f.lower()}" for f in FORMATS],
+        },
+        "strength": {"min": 0.0, "max": 1.0, "default": settings.default_strength},
     }
 
 
@@ -172,7 +213,7 @@ class BodyLimit:
 
 
 def _run_job(
-    pipeline: Pipeline, body: BaseModel, seed: int, shift: float | None
+    pipeline: Pipeline, body: BaseModel, seed: int, shift: float | None, img2img: dict[str, Any]
 ) -> tuple[list[tuple[bytes, dict[str, str]]], float]:
     """Runs on the worker thread: generate and encode the PNGs (both CPU/GPU bound)."""
     start = time.perf_counter()
@@ -184,6 +225,7 @@ def _run_job(
         cfg_scale=body.cfg_scale,
         sampler=body.sampler,
         shift=shift,
+        **img2img,
     )
     return [(g.png(), g.metadata) for g in images], time.perf_counter() - start
 
@@ -200,7 +242,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
     app = FastAPI(title="minisd", lifespan=lifespan)
     app.state.worker = worker
     app.state.pipeline = pipeline
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.body_limit)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -235,8 +277,18 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
                 status_code=422,
             )
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        img2img: dict[str, Any] = {}
+        if body.init_image is not None:
+            try:  # decoding a large image takes a while: off the event loop
+                image = await asyncio.to_thread(
+                    lambda: read_init_image(decode_data_uri(body.init_image), settings.init_image)
+                )
+            except InitImageError as err:
+                return JSONResponse({"detail": f"init_image: {err}"}, status_code=422)
+            strength = settings.default_strength if body.strength is None else body.strength
+            img2img = {"init_image": image, "strength": strength}
         try:
-            future = worker.submit(lambda: _run_job(pipeline, body, seed, settings.shift))
+            future = worker.submit(lambda: _run_job(pipeline, body, seed, settings.shift, img2img))
         except QueueFull as err:
             return JSONResponse(
                 {"detail": f"server busy: {err}; try again shortly"},
@@ -266,7 +318,9 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
                 media_type="image/png",
                 headers={"X-Seed": str(seed), "X-Elapsed-Seconds": f"{elapsed:.3f}"},
             )
-        used = body.model_dump(exclude={"format"}) | {"seed": seed}
+        used = body.model_dump(exclude={"format", "init_image", "strength"}) | {"seed": seed}
+        if img2img:
+            used["strength"] = img2img["strength"]
         return JSONResponse(
             {
                 "images": [

@@ -10,6 +10,13 @@
              objective's schedule's (flow matching, DDPM, VDM), rng seeded per image too
     image  = vae.decode(vae.denormalize(x_0))             undo (z - mean) / std, then decode
 
+Image-to-image (``init_image``, ``strength``): the image is resized as training data is,
+encoded to its normalised posterior mean x_img, and the sampler starts at flow time
+t = strength (times the grid's noise end, 1 for flow matching) from
+(1 - t) x_img + t x_1, on the part of the same grid below t (``samplers.partial_grid``):
+strength 0 gives the image back through the VAE, strength 1 is text-to-image with the
+same seed (the image is not used), and each seed fixes the result in between.
+
 An unconditional UNet takes no prompt (give "" or None per image) and no guidance; a
 pixel-space one has no VAE (the identity autoencoder).
 
@@ -20,6 +27,7 @@ decode stay fp32 (fp16 VAE decoders overflow).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -29,6 +37,7 @@ import torch
 from PIL import Image
 
 from stages.clip.export import TextCondition
+from stages.common.data import image_tensor
 from stages.unet.samplers import (
     SAMPLERS,
     RowNoise,
@@ -36,6 +45,7 @@ from stages.unet.samplers import (
     SamplingConfig,
     cfg_velocity,
     check_sampling,
+    partial_grid,
     seeded_noise,
 )
 
@@ -43,6 +53,7 @@ from .load import ExportFolders, Models, load_models
 from .png import encode_png
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DEFAULT_STRENGTH = 0.6  # image-to-image: how much of the path is re-generated
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in array]
 
 
+def _pixels_hash(pixels: torch.Tensor) -> str:
+    """sha256 of the 8-bit RGB pixels the model was given (after the resize)."""
+    rgb = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+    return hashlib.sha256(rgb.numpy().tobytes()).hexdigest()
+
+
 class Text2Image:
     """The pipeline object: three loaded exports on one device, prompts in, images out."""
 
@@ -191,10 +208,14 @@ class Text2Image:
         sampler: str | None = None,
         shift: float | None = None,
         eta: float | None = None,
+        init_image: Image.Image | None = None,
+        strength: float | None = None,
     ) -> list[Generated]:
         """One image per prompt; image i uses seed ``seed + i``; None: the export's default.
 
         An unconditional model takes empty prompts (one per image) and no negative prompt.
+        ``init_image`` (any size; shared by all prompts) turns on image-to-image at
+        ``strength`` in [0, 1] (None: ``DEFAULT_STRENGTH``).
         """
         defaults = self.defaults
         steps = defaults.steps if steps is None else steps
@@ -220,15 +241,26 @@ class Text2Image:
                 "this UNet is unconditional (trained without a text encoder): give empty "
                 "prompts and no negative prompt"
             )
+        if init_image is None and strength is not None:
+            raise ValueError("strength applies to image-to-image only: give an init image")
         seeds = [seed + i for i in range(len(prompts))]
         cond, uncond = self._conditions(prompts, negatives)
         noise = seeded_noise(self.latent_shape, seeds).to(self.device)
         unet = self.models.unet
+        vae = self.models.vae
         velocity = cfg_velocity(unet.velocity(), cond, uncond, cfg_scale)
         grid = unet.objective.schedule.grid(steps, shift, self.device)
+        init, extra = None, {}
+        if init_image is not None:
+            strength = DEFAULT_STRENGTH if strength is None else float(strength)
+            grid = partial_grid(grid, strength)
+            pixels = image_tensor(init_image, self.resolution)
+            extra = {"strength": str(strength), "init_image_sha256": _pixels_hash(pixels)}
+            if strength < 1.0:  # at 1 the path starts from pure noise: text-to-image
+                latents, _ = vae.encode(pixels[None].to(self.device))
+                init = vae.normalize(latents).expand(len(prompts), -1, -1, -1)
         with self._autocast():
-            latents = SAMPLERS[sampler](velocity, noise, grid, RowNoise(seeds), eta)
-        vae = self.models.vae
+            latents = SAMPLERS[sampler](velocity, noise, grid, RowNoise(seeds), eta, init=init)
         images = vae.decode(vae.denormalize(latents.float()))
         hashes = self.hashes
         return [
@@ -247,6 +279,7 @@ class Text2Image:
                     "vae_hash": hashes["vae"],
                     "clip_hash": hashes["clip"],
                     "unet_hash": hashes["unet"],
+                    **extra,
                 },
             )
             for image, prompt, negative, image_seed in zip(

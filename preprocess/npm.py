@@ -50,8 +50,8 @@ def _npm_pack(spec: str, destination: Path) -> Path:
         )
     except FileNotFoundError as err:
         raise NpmFetchError(
-            "npm is not installed: install Node.js, or pass the package tarballs "
-            "(--openmoji-tgz / --twemoji-tgz)"
+            "npm is not installed: `sudo apt-get install npm` (Debian, Ubuntu; `make setup` "
+            "does it as root), or pass the package tarballs (--openmoji-tgz / --twemoji-tgz)"
         ) from err
     except subprocess.CalledProcessError as err:
         raise NpmFetchError(f"npm pack {spec} failed: {err.stderr.strip()}") from err

@@ -21,7 +21,7 @@ from stages.clip.model import CLIPModelConfig, ImageTowerConfig, TextEncoderConf
 from stages.clip.stage import CLIPConfig, CLIPStage, retrieval_metrics
 from stages.clip.tokenizer import CLIPTokenizer, TokenizerError, end_positions, train_tokenizer
 from stages.common.cli import run_stage
-from stages.common.config import load_config
+from stages.common.config import ConfigError, load_config
 from stages.common.data import iter_split
 from stages.common.export import ExportError, load_tensors
 from stages.common.stage import RunContext
@@ -415,3 +415,34 @@ def test_loss_across_ranks_equals_the_global_batch_loss(tmp_path):
         # divides by the world size.
         got = torch.cat([ranks[0][name], ranks[1][name]]) / 2
         torch.testing.assert_close(got, full)
+
+
+def test_fine_tuning_takes_the_exports_towers_and_tokenizer(tiny_shards, tmp_path):
+    overrides = [*stage_overrides(tiny_shards, 1), "model.image.input=pixel"]
+    overrides.append("model.image.patch_size=4")
+    first = CLIPStage(
+        load_config(CLIPConfig, overrides=overrides), RunContext(tmp_path, "a", "clip")
+    )
+    torch.manual_seed(0)
+    trained = first.build()
+    export = tmp_path / "export"
+    first.export(trained, export)
+    config = load_config(CLIPConfig, overrides=[*overrides, f"init.from={export}"])
+    stage = CLIPStage(config, RunContext(tmp_path, "b", "clip"))
+    # The token ids the export's embeddings learned: its tokenizer, not one trained anew.
+    copied = tmp_path / "b" / "clip" / "tokenizer.json"
+    assert copied.read_bytes() == (export / "tokenizer.json").read_bytes()
+    torch.manual_seed(1)
+    modules = stage.build()
+    weights, export_hash = stage.init_weights(export)
+    assert export_hash == json.loads((export / "manifest.json").read_text())["hash"]
+    assert set(weights) == {"text", "image", "logit_scale"}
+    for name, module in modules.items():
+        module.load_state_dict(weights[name], strict=True)
+        for key, value in trained[name].state_dict().items():
+            assert torch.equal(module.state_dict()[key], value), f"{name}.{key}"
+    wider = load_config(
+        CLIPConfig, overrides=[*overrides, "model.embed_dim=16", f"init.from={export}"]
+    )
+    with pytest.raises(ConfigError, match="model.embed_dim"):
+        CLIPStage(wider, RunContext(tmp_path, "c", "clip")).init_weights(export)

@@ -143,3 +143,22 @@ def test_changed_keys_lists_dotted_differences():
     assert changed_keys(base, other) == ["model.mult", "seed"]
     assert changed_keys(base, base) == []
     assert changed_keys({"a": {"b": 1}}, {"a": {"c": 1}}) == ["a.b", "a.c"]
+
+
+@dataclass(frozen=True)
+class Init:
+    from_: str = field(default="", metadata={"key": "from"})
+
+
+@dataclass(frozen=True)
+class WithKeyword:
+    init: Init = field(default_factory=Init)
+
+
+def test_a_keyword_key_is_named_by_field_metadata():
+    cfg = load_config(WithKeyword, overrides=["init.from=runs/tiny/unet/export"])
+    assert cfg.init.from_ == "runs/tiny/unet/export"
+    assert to_dict(cfg) == {"init": {"from": "runs/tiny/unet/export"}}
+    assert from_dict(WithKeyword, to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="init.from_"):
+        load_config(WithKeyword, overrides=["init.from_=x"])

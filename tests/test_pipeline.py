@@ -27,9 +27,11 @@ from PIL import Image
 from pipeline import text2image
 from pipeline.__main__ import main
 from pipeline.demo import write_demo
+from pipeline.init_image import InitImageError, InitImageLimits, read_init_image
 from pipeline.load import ExportFolders, load_models
 from pipeline.png import read_png_text
 from pipeline.text2image import Text2Image, resolve_dtype
+from stages.common.data import image_tensor
 from stages.common.export import ExportError
 from stages.common.shards import sha256_file
 from stages.unet.samplers import SamplingConfig
@@ -319,3 +321,106 @@ def test_demo_grid_has_one_labelled_row_per_prompt(pipe, tmp_path):
     text = read_png_text(path)
     assert text["prompts"] == " | ".join(prompts)
     assert text["steps"] == "2"
+
+
+# ------------------------------------------------------------------------ image-to-image
+
+
+def init_image(seed: int = 0, size: int = 24) -> Image.Image:
+    """A non-square RGBA picture (resized, cropped and flattened on white by the pipeline)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size + 8, 4), dtype=np.uint8), "RGBA")
+
+
+def test_strength_0_returns_the_image_through_the_vae(pipe):
+    image = init_image()
+    out = pipe.generate(["red apple"], seed=3, steps=STEPS, init_image=image, strength=0.0)[0]
+    vae = pipe.models.vae
+    x = image_tensor(image, RESOLUTION)[None]
+    expected = text2image.to_pil(vae.decode(vae.encode(x)[0]))[0]
+    assert np.abs(pixels(out) - np.asarray(expected, dtype=np.int16)).max() <= 1
+    assert out.metadata["strength"] == "0.0"
+    assert len(out.metadata["init_image_sha256"]) == 64
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ancestral"])
+def test_strength_1_is_text_to_image_with_the_same_seed(pipe, sampler):
+    kw = {"seed": 4, "steps": STEPS, "sampler": sampler, "cfg_scale": 3.0}
+    plain = pipe.generate(["red apple", "black heart"], **kw)
+    img2img = pipe.generate(["red apple", "black heart"], init_image=init_image(), strength=1, **kw)
+    for a, b in zip(plain, img2img):
+        np.testing.assert_array_equal(pixels(a), pixels(b))
+
+
+def test_intermediate_strength_is_fixed_by_seed_and_image(pipe):
+    def run(seed=5, strength=0.5, image=None):
+        out = pipe.generate(
+            ["red apple"],
+            seed=seed,
+            steps=4,
+            init_image=image or init_image(),
+            strength=strength,
+            sampler="ancestral",  # stochastic steps: their noise must follow the seed too
+        )
+        return pixels(out[0])
+
+    first = run()
+    np.testing.assert_array_equal(first, run())
+    assert np.abs(first - run(seed=6)).max() > 0
+    assert np.abs(first - run(image=init_image(1))).max() > 0
+    assert np.abs(first - run(strength=0.75)).max() > 0
+    assert np.abs(first - run(strength=0.0)).max() > 0
+
+
+def test_image_to_image_refuses_bad_strength(pipe):
+    for strength in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="strength"):
+            pipe.generate(["x"], steps=2, init_image=init_image(), strength=strength)
+    with pytest.raises(ValueError, match="init image"):
+        pipe.generate(["x"], steps=2, strength=0.5)
+
+
+def test_read_init_image_checks_format_size_and_pixels():
+    def encoded(image: Image.Image, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        return buf.getvalue()
+
+    rgb = init_image().convert("RGB")
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        assert read_init_image(encoded(rgb, fmt)).size == rgb.size
+    with pytest.raises(InitImageError, match="GIF; give a PNG, JPEG or WebP"):
+        read_init_image(encoded(rgb, "GIF"))
+    with pytest.raises(InitImageError, match="not an image"):
+        read_init_image(b"hello, not an image")
+    png = encoded(rgb, "PNG")
+    with pytest.raises(InitImageError, match="does not decode"):
+        read_init_image(png[: len(png) // 2])
+    with pytest.raises(InitImageError, match="more than the 100 allowed"):
+        read_init_image(png, InitImageLimits(max_bytes=100))
+    with pytest.raises(InitImageError, match=r"32x24 = 768 pixels, more than the 700"):
+        read_init_image(png, InitImageLimits(max_pixels=700))
+    # The pixel cap is read from the header: a 2 MB-pixel black PNG of a few kB is refused.
+    big = encoded(Image.new("RGB", (2000, 1000)), "PNG")
+    with pytest.raises(InitImageError, match="2000x1000"):
+        read_init_image(big, InitImageLimits(max_pixels=1_000_000))
+
+
+def test_cli_image_to_image(folders, tmp_path, capsys):
+    source = tmp_path / "in.png"
+    init_image().save(source)
+    out = tmp_path / "out.png"
+    common = ["generate", "red apple", "--steps", "4", "--out", str(out), *_runs_args(folders)]
+    assert main([*common, "--init-image", str(source), "--strength", "0.5"]) == 0
+    text = read_png_text(out)
+    assert text["strength"] == "0.5" and len(text["init_image_sha256"]) == 64
+    assert main([*common, "--init-image", str(source)]) == 0
+    assert read_png_text(out)["strength"] == "0.6"  # the default
+    capsys.readouterr()
+    assert main([*common, "--strength", "0.5"]) == 2
+    assert "--strength needs --init-image" in capsys.readouterr().err
+    (tmp_path / "bad.png").write_bytes(b"GIF89a not really")
+    assert main([*common, "--init-image", str(tmp_path / "bad.png")]) == 2
+    assert "bad.png: the init image" in capsys.readouterr().err
+    assert main([*common, "--init-image", str(tmp_path / "missing.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err

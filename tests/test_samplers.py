@@ -22,6 +22,7 @@ from stages.unet.samplers import (
     ddim_sample,
     euler_sample,
     heun_sample,
+    partial_grid,
     seeded_noise,
 )
 from stages.unet.schedules import DiscreteVP, FlowSchedule, LearnedSchedule, shift_time
@@ -423,3 +424,55 @@ def test_samplers_work_on_every_schedule_grid():
         for sampler in SAMPLERS.values():
             out = sampler(gaussian_velocity, noise, grid, RowNoise([0, 1]))
             assert out.shape == noise.shape and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ image-to-image
+
+
+def test_partial_grid_starts_at_the_strength_in_flow_time():
+    grid = FlowSchedule().grid(20)
+    cut = partial_grid(grid, 0.6)
+    assert cut[0].item() == pytest.approx(0.6) and cut[-1] == 0
+    assert len(cut) - 1 == 12  # 0.6 of the 20 steps, no near-zero first step
+    torch.testing.assert_close(cut[1:], grid[9:])
+    assert partial_grid(grid, 1.0) is grid
+    assert partial_grid(grid, 0.0).tolist() == [0.0]
+    assert partial_grid(grid, 1e-9).tolist() == pytest.approx([1e-9, 0.0])
+    for strength in (-0.1, 1.1):
+        with pytest.raises(ValueError, match="strength"):
+            partial_grid(grid, strength)
+
+
+@pytest.mark.parametrize("schedule", [DiscreteVP("linear"), LearnedSchedule()])
+def test_partial_grid_keeps_the_schedules_own_points(schedule):
+    grid = schedule.grid(10)
+    cut = partial_grid(grid, 0.5)
+    assert cut[0] == pytest.approx(0.5 * grid[0].item())
+    assert set(cut[1:].tolist()) <= set(grid.tolist()) and cut[-1] == 0
+
+
+def test_samplers_start_from_the_image_noised_to_the_first_grid_time():
+    """Euler on the constant field v = noise - target carries y_t = (1 - t) x0 + t noise to
+    target + (1 - t) (x0 - target): exact, so it shows where the sampler started."""
+    noise, x0, target = torch.randn(3, 2, 4, 3, 3).unbind(0)
+    grid = FlowSchedule().grid(10)
+    for strength in (0.3, 0.75):
+        out = euler_sample(
+            lambda y, t: noise - target, noise, partial_grid(grid, strength), init=x0
+        )
+        torch.testing.assert_close(out, target + (1 - strength) * (x0 - target))
+    # Strength 0 returns the image itself with no evaluation, for every sampler.
+    for name, sampler in SAMPLERS.items():
+        out = sampler(None, noise, partial_grid(grid, 0.0), RowNoise([0, 1]), init=x0)
+        assert torch.equal(out, x0), name
+
+
+def test_image_to_image_runs_every_sampler_on_every_schedule():
+    noise, x0 = torch.randn(2, 2, 4, 3, 3).unbind(0)
+    schedules = [FlowSchedule(), DiscreteVP("linear"), DiscreteVP("cosine"), LearnedSchedule()]
+    for schedule in schedules:
+        grid = partial_grid(schedule.grid(8), 0.5)
+        for name, sampler in SAMPLERS.items():
+            a = sampler(gaussian_velocity, noise, grid, RowNoise([0, 1]), init=x0)
+            b = sampler(gaussian_velocity, noise, grid, RowNoise([0, 1]), init=x0)
+            assert torch.isfinite(a).all() and torch.equal(a, b), name

@@ -4,19 +4,29 @@ concurrent requests each answered with the image of its own seed."""
 from __future__ import annotations
 
 import base64
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from exports import RESOLUTION, cached_exports, one_torch_thread
 from fastapi.testclient import TestClient
+from PIL import Image
 
+from pipeline.init_image import InitImageLimits
 from pipeline.png import read_png_text
 from pipeline.server import ServerSettings, create_app
 from pipeline.text2image import Text2Image
 
-SETTINGS = ServerSettings(max_steps=8, default_steps=2, max_n=3, max_prompt_chars=40)
+SETTINGS = ServerSettings(
+    max_steps=8,
+    default_steps=2,
+    max_n=3,
+    max_prompt_chars=40,
+    init_image=InitImageLimits(max_bytes=64 * 1024, max_pixels=256 * 256),
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -168,7 +178,9 @@ def test_malformed_json_is_a_422(client):
 
 
 def test_oversized_body_is_a_413_by_header_and_by_stream(client):
-    big = b'{"prompt": "' + b"x" * (SETTINGS.max_body_bytes + 10) + b'"}'
+    # The limit allows the largest init image on top of the rest of the body.
+    assert SETTINGS.body_limit > SETTINGS.init_image.max_bytes * 4 // 3 + SETTINGS.max_body_bytes
+    big = b'{"prompt": "' + b"x" * (SETTINGS.body_limit + 10) + b'"}'
     response = client.post("/generate", content=big, headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert "larger than" in response.json()["detail"]
@@ -275,3 +287,67 @@ def test_an_unconditional_model_takes_no_prompt(pipe):
             response = client.post("/generate", json={field: "a red apple"})
             assert response.status_code == 422 and field in response.text
     assert fake.prompts == [[""], ["", ""]]
+
+
+# ------------------------------------------------------------------------ image-to-image
+
+
+def image_uri(size=(20, 24), fmt="PNG", seed=0, plain=False) -> str:
+    """A random-pixel image (it compresses badly: big files), or a plain one (small files)."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if plain:
+        image = Image.new("RGB", size, "red")
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_image_to_image_through_json_is_the_pipelines(client, pipe):
+    uri = image_uri()
+    body = {"prompt": "red apple", "seed": 8, "steps": 4, "init_image": uri, "strength": 0.5}
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert payload["settings"]["strength"] == 0.5 and "init_image" not in payload["settings"]
+    png = png_of(payload["images"][0]["data_uri"])
+    assert read_png_text(png)["strength"] == "0.5"
+    image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    direct = pipe.generate(["red apple"], seed=8, steps=4, init_image=image, strength=0.5)
+    assert png == direct[0].png()
+    # Without a strength the server's default applies; text-to-image says no strength.
+    response = client.post("/generate", json={**body, "strength": None})
+    assert response.json()["settings"]["strength"] == SETTINGS.default_strength
+    response = client.post("/generate", json={"prompt": "red apple", "seed": 8})
+    assert "strength" not in response.json()["settings"]
+
+
+def test_config_gives_the_init_image_limits(client):
+    body = client.get("/config").json()
+    assert body["init_image"] == {
+        "max_bytes": 64 * 1024,
+        "max_pixels": 256 * 256,
+        "types": ["image/png", "image/jpeg", "image/webp"],
+    }
+    assert body["strength"] == {"min": 0.0, "max": 1.0, "default": 0.6}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"strength": 0.5}, "strength: Value error, applies to image-to-image only"),
+        ({"init_image": image_uri(), "strength": 1.5}, "strength:"),
+        ({"init_image": image_uri(), "strength": "NaN"}, "strength:"),
+        ({"init_image": "data:image/png;base64,%%%"}, "init_image: the init image is not valid"),
+        ({"init_image": "data:image/png,rawbytes"}, "init_image: the init image must be a base64"),
+        ({"init_image": image_uri(fmt="GIF")}, "init_image: the init image is GIF; give a PNG"),
+        ({"init_image": image_uri(fmt="BMP")}, "init_image: the init image is BMP; give a PNG"),
+        ({"init_image": image_uri((300, 300), plain=True)}, "the init image is 300x300 ="),
+        ({"init_image": image_uri((150, 150))}, "bytes, more than the 65536 allowed"),
+        ({"init_image": "data:image/png;base64,"}, "init_image: the init image is empty"),
+    ],
+)
+def test_bad_init_images_get_a_readable_422(client, extra, message):
+    response = client.post("/generate", json={"prompt": "x", "steps": 1, **extra})
+    assert response.status_code == 422, response.text
+    assert message in response.json()["detail"]

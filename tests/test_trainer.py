@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from toy_stage import ToyConfig, ToyCrash, ToyStage
+from safetensors.torch import load_file
+from toy_stage import ToyConfig, ToyCrash, ToyNet, ToyStage, digest
 
 from stages.common.checkpoint import CheckpointManager, read_tree
-from stages.common.config import load_config
+from stages.common.config import ConfigError, load_config
 from stages.common.log import read_metrics
 from stages.common.optim import lr_at
+from stages.common.shards import sha256_file
 from stages.common.stage import RunContext
 from stages.common.trainer import (
     EXIT_CANNOT_RESUME,
@@ -312,3 +314,86 @@ def test_two_processes_train_resume_and_agree(tmp_path):
     assert (final / "rank0.json").exists() and (final / "rank1.json").exists()
     code, stage = run(tmp_path, "train.max_steps=9")  # one process cannot take over two
     assert code == EXIT_CANNOT_RESUME and not stage.seen
+
+
+# ------------------------------------------------------------------------- fine-tuning
+
+
+def reset_accelerate() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def export_net(runs: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(runs / "tiny/toy/export/model.safetensors"))
+
+
+def test_fine_tuning_starts_from_the_exports_weights_with_a_fresh_optimizer(tmp_path, reference):
+    export = reference["runs"] / "tiny/toy/export"
+    weights = export_net(reference["runs"])
+    start = ToyNet(16)
+    start.load_state_dict(weights)
+    code, stage = run(tmp_path, f"init.from={export}", "train.max_steps=3", "optim.lr=0.003")
+    assert code == EXIT_OK
+    assert stage.seen[0]["weights"] == digest(start)  # the export's (EMA) weights, not random
+    state = final_state(tmp_path)
+    assert state["trainer"]["step"] == 3
+    assert all(int(s["step"]) == 3 for s in state["optimizer"]["state"].values())  # fresh
+    record = {"from": str(export), "hash": sha256_file(export / "model.safetensors")}
+    assert state["trainer"]["init"] == record
+    assert json.loads((tmp_path / "tiny/toy/init.json").read_text()) == record
+    manifest = json.loads((tmp_path / "tiny/toy/export/manifest.json").read_text())
+    assert manifest["init"] == record
+    # A run without init.from starts from random weights and records nothing.
+    assert reference["state"]["trainer"]["init"] is None
+
+
+def test_fine_tuning_resumes_exactly_and_keeps_what_it_started_from(tmp_path, reference):
+    source = tmp_path / "source"
+    shutil.copytree(reference["runs"] / "tiny/toy/export", source)
+    settings = (f"init.from={source}", "toy.width=16")
+    code, _ = run(tmp_path / "whole", *settings)
+    assert code == EXIT_OK
+    reset_accelerate()
+    with pytest.raises(ToyCrash):  # checkpoint at step 4, killed in step 7
+        run(tmp_path / "killed", *settings, "toy.crash_at_batch=6")
+    reset_accelerate()
+    # The export changes after the start: the resumed run neither reads nor records it.
+    (source / "model.safetensors").write_bytes(b"not the weights it started from")
+    code, _ = run(tmp_path / "killed", *settings)
+    assert code == EXIT_OK
+    whole, resumed = final_state(tmp_path / "whole"), final_state(tmp_path / "killed")
+    assert_bitwise_equal(resumed, whole)
+    assert resumed["trainer"]["init"]["hash"] == reference_hash(reference)
+    reset_accelerate()
+    code, _ = run(tmp_path / "killed", "init.from=elsewhere", "train.max_steps=12")
+    assert code == EXIT_CANNOT_RESUME  # what a run started from is part of the run
+
+
+def reference_hash(reference) -> str:
+    return sha256_file(reference["runs"] / "tiny/toy/export/model.safetensors")
+
+
+def test_freeze_keeps_a_submodule_at_the_exports_weights(tmp_path, reference):
+    export = reference["runs"] / "tiny/toy/export"
+    weights = export_net(reference["runs"])
+    code, _ = run(tmp_path, f"init.from={export}", "init.freeze=['net.hidden']")
+    assert code == EXIT_OK
+    net = final_state(tmp_path)["model.net"]
+    for key in ("hidden.weight", "hidden.bias"):
+        assert torch.equal(net[key], weights[key])
+    assert not torch.equal(net["inp.weight"], weights["inp.weight"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("init.freeze=['net']",), "needs init.from"),
+        (("init.from=EXPORT", "init.freeze=['net.nothing']"), "'net.nothing' names no module"),
+        (("init.from=EXPORT", "init.freeze=['net', 'critic']"), "leaves nothing to train"),
+    ],
+)
+def test_bad_freeze_is_a_config_error(tmp_path, reference, overrides, message):
+    export = str(reference["runs"] / "tiny/toy/export")
+    with pytest.raises(ConfigError, match=message):
+        run(tmp_path, *(o.replace("EXPORT", export) for o in overrides))

@@ -18,9 +18,10 @@ from stages.clip.export import TextCondition, build_clip_modules, load_clip, sav
 from stages.clip.model import CLIPModelConfig, ImageTowerConfig, TextEncoderConfig
 from stages.clip.tokenizer import train_tokenizer
 from stages.common.cli import run_stage
-from stages.common.config import CONFIGS_DIR, load_config
+from stages.common.config import CONFIGS_DIR, ConfigError, load_config
 from stages.common.data import iter_split
 from stages.common.export import ExportError
+from stages.common.finetune import InitConfig
 from stages.common.stage import RunContext
 from stages.unet import cache as cache_module
 from stages.unet.cache import CacheConfig, CachedLatents, encode_batch, ensure_cache
@@ -468,3 +469,44 @@ def test_resume_through_the_shared_loop_equals_an_uninterrupted_run(exports, tin
     assert not (tmp_path / "c" / "runs" / "tiny" / "unet" / "cache").exists()
     for key in straight:
         torch.testing.assert_close(fly[key], straight[key], atol=2e-3, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------- fine-tuning
+
+
+def fine_tune(runs: Path, shards: Path, name: str, source: Path, steps: int, **model) -> Path:
+    """A new run ``runs/tiny/<name>`` started from the UNet export at ``source``."""
+    from stages.common.trainer import train
+
+    cfg = stage_config(shards, max_steps=steps, val_every=0, preview_every=0)
+    cfg = replace(cfg, init=InitConfig(from_=str(source)), model=replace(cfg.model, **model))
+    ctx = RunContext(runs, "tiny", name)
+    assert train(UNetStage(cfg, ctx), ctx) == 0
+    return ctx.run_dir / "export"
+
+
+def test_fine_tuning_starts_from_a_unet_export_on_the_same_upstream(exports, tiny_shards, tmp_path):
+    runs = copy_runs(exports, tmp_path)
+    train_run(runs, tiny_shards, 2)
+    source = runs / "tiny" / "unet" / "export"
+    source_hash = json.loads((source / "manifest.json").read_text())["hash"]
+    # No step: the export is exactly the weights it started from, and says so.
+    same = fine_tune(runs, tiny_shards, "ft0", source, 0)
+    start, kept = (
+        load_file(str(source / "model.safetensors")),
+        load_file(str(same / "model.safetensors")),
+    )
+    assert start.keys() == kept.keys() and all(torch.equal(start[k], kept[k]) for k in start)
+    manifest = json.loads((same / "manifest.json").read_text())
+    assert manifest["info"]["init"] == {"from": str(source), "hash": source_hash}
+    # Another architecture is refused by name.
+    with pytest.raises(ConfigError, match="model.base_channels"):
+        fine_tune(runs, tiny_shards, "ft1", source, 1, base_channels=8)
+    # A CLIP export other than the one the UNet learned from: refused, naming both hashes.
+    old_clip = manifest["upstream"]["clip"]
+    shutil.rmtree(runs / "tiny" / "clip" / "export")
+    vae_hash = manifest["upstream"]["vae"]
+    new_clip = build_clip_export(runs / "tiny" / "clip" / "export", tiny_shards, vae_hash, 7)
+    with pytest.raises(ExportError, match="init.from") as err:
+        fine_tune(runs, tiny_shards, "ft2", source, 1)
+    assert old_clip in str(err.value) and new_clip in str(err.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.error
 from pathlib import Path
@@ -379,3 +380,22 @@ def test_hue_augmentation_rotates_colour_and_keeps_the_range():
     assert (out - green).abs().amax(dim=(1, 2, 3)).gt(0.05).sum() >= 6  # most rotated
     white = torch.ones(2, 3, 4, 4)
     torch.testing.assert_close(augment(white), white, atol=1e-5, rtol=0)  # no hue to rotate
+
+
+def test_fine_tuning_takes_the_exports_autoencoder(tiny_shards, tmp_path):
+    cfg = tiny_stage_config(tiny_shards)
+    torch.manual_seed(0)
+    source = AutoencoderKL(cfg.model)
+    export = tmp_path / "export"
+    export_hash = save_vae_export(source, cfg, export, torch.zeros(4), torch.ones(4))
+    stage = VAEStage(cfg, RunContext(tmp_path / "runs", "test", "vae"))
+    weights, recorded = stage.init_weights(export)
+    assert recorded == export_hash and set(weights) == {"vae"}
+    torch.manual_seed(1)
+    fresh = stage.build()["vae"]
+    fresh.load_state_dict(weights["vae"], strict=True)
+    for key, value in source.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_channels=16))
+    with pytest.raises(ConfigError, match="model.base_channels"):
+        VAEStage(other, RunContext(tmp_path / "runs", "test", "vae2")).init_weights(export)

@@ -1,18 +1,21 @@
 """The web page in a real headless Chromium against the server on loopback (uvicorn in a
 thread, tiny real exports): type a prompt, click Generate, an image appears; a bad setting
-shows the server's 422 message."""
+shows the server's 422 message; an uploaded image is the start of image-to-image."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import uvicorn
 from exports import cached_exports, one_torch_thread
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -34,8 +37,12 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    pipe = Text2Image.from_exports(cached_exports(tmp_path_factory), "cpu", "fp32")
+def pipe(tmp_path_factory) -> Text2Image:
+    return Text2Image.from_exports(cached_exports(tmp_path_factory), "cpu", "fp32")
+
+
+@pytest.fixture(scope="module")
+def server_url(pipe):
     app = create_app(pipe, ServerSettings(default_steps=2, max_steps=10))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -125,3 +132,54 @@ def test_an_out_of_range_setting_shows_the_servers_message(browser, server_url):
     wait.until(lambda d: error.is_displayed())
     assert "Invalid settings" in error.text and "steps" in error.text
     assert not browser.find_elements(By.CSS_SELECTOR, "#results img")
+
+
+def _results_png(browser) -> bytes:
+    src = browser.find_element(By.CSS_SELECTOR, "#results img").get_attribute("src")
+    return base64.b64decode(src.split(",", 1)[1])
+
+
+def test_an_uploaded_image_is_the_start_of_image_to_image(browser, server_url, pipe, tmp_path):
+    path = tmp_path / "start.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    wait = _open_page(browser, server_url)
+    strength = browser.find_element(By.ID, "strength")
+    assert strength.get_attribute("disabled") is not None  # nothing to start from yet
+    browser.find_element(By.ID, "init_image").send_keys(str(path))
+    wait.until(lambda d: browser.find_element(By.ID, "init_preview").is_displayed())
+    assert strength.get_attribute("disabled") is None and strength.get_attribute("value") == "0.6"
+    browser.execute_script(
+        "arguments[0].value = '0.5'; arguments[0].dispatchEvent(new Event('input'))", strength
+    )
+    _set(browser, "prompt", "red apple; flat colour emoji")
+    _set(browser, "seed", "7")
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results img"))
+    settings = browser.find_element(By.CSS_SELECTOR, "#results .settings").text
+    assert "from an image at strength 0.5" in settings
+    # The page sent the file itself: the server's image is the pipeline's on that file.
+    expected = pipe.generate(
+        ["red apple; flat colour emoji"],
+        seed=7,
+        steps=2,
+        init_image=Image.open(path),
+        strength=0.5,
+    )[0]
+    assert _results_png(browser) == expected.png()
+
+
+def test_an_image_the_server_refuses_shows_its_message(browser, server_url, tmp_path):
+    path = tmp_path / "animation.gif"
+    Image.new("RGB", (16, 16), "red").save(path)
+    wait = _open_page(browser, server_url)
+    browser.find_element(By.ID, "init_image").send_keys(str(path))
+    _set(browser, "prompt", "black heart")
+    browser.find_element(By.ID, "generate").click()
+    error = browser.find_element(By.ID, "error")
+    wait.until(lambda d: error.is_displayed())
+    assert "Invalid settings: init_image: the init image is GIF" in error.text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results img")
+    browser.find_element(By.ID, "clear_image").click()
+    assert not browser.find_element(By.ID, "init_preview").is_displayed()
+    assert browser.find_element(By.ID, "strength").get_attribute("disabled") is not None

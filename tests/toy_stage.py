@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stages.common.checkpoint import CheckpointConfig
 from stages.common.cli import run_stage
 from stages.common.data import DataConfig, ShardLoader
 from stages.common.ema import EMAConfig
+from stages.common.finetune import InitConfig
 from stages.common.optim import OptimConfig
 from stages.common.shards import write_json_atomic
 from stages.common.stage import RunContext
@@ -69,6 +70,7 @@ class ToyConfig:
     ckpt: CheckpointConfig = field(
         default_factory=lambda: CheckpointConfig(every_steps=4, every_minutes=0, keep_last=2)
     )
+    init: InitConfig = field(default_factory=InitConfig)
     toy: ToyModelConfig = field(default_factory=ToyModelConfig)
 
 
@@ -190,6 +192,11 @@ class ToyStage:
         out = {kind: digest(group["net"]) for kind, group in modules.items()}
         (folder / f"toy_{step:07d}.json").write_text(json.dumps(out))
 
+    def init_weights(self, folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+        """The net's weights from a toy export (the critic keeps its built ones)."""
+        weights = folder / "model.safetensors"
+        return {"net": load_file(str(weights))}, hashlib.sha256(weights.read_bytes()).hexdigest()
+
     def export(self, modules: dict[str, nn.Module], folder: Path) -> None:
         """model.safetensors + manifest.json, built aside and renamed (a minimal export)."""
         tmp = folder.with_name(f".{folder.name}.tmp")
@@ -197,7 +204,8 @@ class ToyStage:
         tmp.mkdir(parents=True)
         weights = {k: v.clone() for k, v in unwrap(modules["net"]).state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
-        write_json_atomic(tmp / "manifest.json", {"stage": "toy", "width": self.config.toy.width})
+        manifest = {"stage": "toy", "width": self.config.toy.width, "init": self.started_from}
+        write_json_atomic(tmp / "manifest.json", manifest)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
 

@@ -1,5 +1,6 @@
 // The page: read ranges from /config, POST /generate, show images with their settings or the
-// server's error message. Plain JS, no build step.
+// server's error message. An uploaded image (image-to-image) is sent as a base64 data URI with
+// its strength. Plain JS, no build step.
 "use strict";
 
 const form = document.getElementById("generate-form");
@@ -10,6 +11,7 @@ const results = document.getElementById("results");
 const field = (name) => document.getElementById(name);
 let resolution = 0;
 let conditional = true; // false: the model takes no prompt (from /config)
+let maxImageBytes = Infinity; // the largest init image the server takes (from /config)
 
 function showError(message) {
   errorBox.textContent = message;
@@ -51,15 +53,63 @@ async function loadConfig() {
   sampler.value = config.default_sampler;
   resolution = config.resolution;
   showCfg();
+  if (config.init_image) {
+    maxImageBytes = config.init_image.max_bytes;
+    field("init_image").accept = config.init_image.types.join(",");
+    setRange("strength", config.strength);
+    showStrength();
+  }
 }
 
 function showCfg() {
   field("cfg_scale_value").textContent = Number(field("cfg_scale").value).toFixed(1);
 }
 
-function requestBody() {
+function showStrength() {
+  field("strength_value").textContent = Number(field("strength").value).toFixed(2);
+}
+
+function initFile() {
+  const files = field("init_image").files;
+  return files && files.length ? files[0] : null;
+}
+
+let previewUrl = null;
+
+function showInitImage() {
+  clearError();
+  const file = initFile();
+  const preview = field("init_preview");
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = null;
+  if (file && file.size > maxImageBytes) {
+    showError(`The image is ${file.size} bytes; the server takes at most ${maxImageBytes}.`);
+    field("init_image").value = "";
+    return showInitImage();
+  }
+  field("strength").disabled = !file;
+  field("clear_image").hidden = !file;
+  preview.hidden = !file;
+  if (file) {
+    previewUrl = URL.createObjectURL(file);
+    preview.src = previewUrl;
+  } else {
+    preview.removeAttribute("src");
+  }
+}
+
+function readAsDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+async function requestBody() {
   const seed = field("seed").value.trim();
-  return {
+  const body = {
     prompt: field("prompt").value,
     negative_prompt: field("negative_prompt").value,
     cfg_scale: Number(field("cfg_scale").value),
@@ -68,6 +118,12 @@ function requestBody() {
     sampler: field("sampler").value,
     n: Number(field("n").value),
   };
+  const file = initFile();
+  if (file) {
+    body.init_image = await readAsDataUrl(file);
+    body.strength = Number(field("strength").value);
+  }
+  return body;
 }
 
 function describe(settings) {
@@ -78,6 +134,7 @@ function describe(settings) {
     `steps ${settings.steps}`,
     `CFG ${settings.cfg_scale}`,
     `sampler ${settings.sampler}`,
+    settings.strength !== undefined ? `from an image at strength ${settings.strength}` : null,
   ];
   return parts.filter(Boolean).join(" · ");
 }
@@ -118,7 +175,13 @@ async function errorMessage(response) {
 async function generate(event) {
   event.preventDefault();
   clearError();
-  const body = requestBody();
+  let body;
+  try {
+    body = await requestBody();
+  } catch (err) {
+    showError(`Could not read the image: ${err.message}`);
+    return;
+  }
   if (conditional && !body.prompt.trim()) {
     showError("Please type a prompt.");
     return;
@@ -152,4 +215,10 @@ async function generate(event) {
 
 form.addEventListener("submit", generate);
 field("cfg_scale").addEventListener("input", showCfg);
+field("strength").addEventListener("input", showStrength);
+field("init_image").addEventListener("change", showInitImage);
+field("clear_image").addEventListener("click", () => {
+  field("init_image").value = "";
+  showInitImage();
+});
 loadConfig().catch((err) => showError(err.message));

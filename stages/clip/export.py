@@ -115,11 +115,13 @@ def save_clip_export(
     tokenizer: CLIPTokenizer,
     config: Any = None,
     vae_hash: str | None = None,
+    started_from: dict[str, str] | None = None,
 ) -> str:
     """Write a CLIP export from (unwrapped, ideally EMA) modules; returns its hash.
 
     ``config`` is the resolved stage config written as ``config.json`` (defaults to the model
-    config); ``vae_hash`` is the VAE export the latent image tower was trained on.
+    config); ``vae_hash`` is the VAE export the latent image tower was trained on;
+    ``started_from`` the export a fine-tuning run started from (``info["init"]``).
     """
     if text.context_length != tokenizer.context_length:
         raise ValueError(
@@ -148,6 +150,8 @@ def save_clip_export(
         "image_size": image.size,
         "model": to_dict(model_config),
     }
+    if started_from is not None:
+        info["init"] = dict(started_from)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_path = Path(tmp) / TOKENIZER_FILE
         tokenizer.save(tokenizer_path)

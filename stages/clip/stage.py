@@ -7,6 +7,10 @@ statistics) or as pixels. Validation is retrieval over the whole val split in bo
 directions; a retrieved item counts as a hit when its caption tokenises identically to the
 query's, because identical captions have identical embeddings and an exact-pair rule would
 be decided by tie-breaking. The chance level of that rule is logged alongside.
+
+Fine-tuning (``init.from``): a CLIP export of the same model, whose tokenizer the run takes
+instead of training one (its embeddings learned those token ids); a latent tower must have
+learned the run's VAE export. ``init.freeze = ["text"]`` trains the image tower alone.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from torch import nn
 
 from stages.common.captions import CaptionAugmentConfig, augment_captions
 from stages.common.checkpoint import CheckpointConfig
+from stages.common.config import to_dict
 from stages.common.data import (
     CorruptSample,
     DataConfig,
@@ -33,7 +40,8 @@ from stages.common.data import (
     load_index,
 )
 from stages.common.ema import EMAConfig
-from stages.common.export import ExportError
+from stages.common.export import ExportError, check_upstream, load_tensors, read_export
+from stages.common.finetune import InitConfig, check_same_model, state_dicts_by_prefix
 from stages.common.optim import OptimConfig
 from stages.common.probe import ProbeConfig, Reference, find_references, text_probe
 from stages.common.stage import ResumableLoader, RunContext
@@ -79,6 +87,7 @@ class CLIPConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     model: CLIPModelConfig = field(default_factory=CLIPModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -110,7 +119,16 @@ def prepare_tokenizer(run_dir: Path, config: CLIPConfig) -> CLIPTokenizer:
     path = Path(run_dir) / TOKENIZER_FILE
     context = config.model.text.context_length
     if not path.exists():
-        if is_main_process():
+        if is_main_process() and config.init.from_:
+            # Fine-tuning: the export's token ids are what its embeddings learned.
+            source = Path(config.init.from_)
+            read_export(source, "clip", verify=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            shutil.copyfile(source / TOKENIZER_FILE, tmp)
+            os.replace(tmp, path)
+            log.info("took the tokenizer of %s", source)
+        elif is_main_process():
             train_dir = Path(config.data.path) / "train"
             captions = read_captions(train_dir, config.tokenizer.max_captions)
             tokenizer = train_tokenizer(
@@ -187,6 +205,7 @@ class CLIPStage:
             self.image_channels, self.image_size = 3, config.data.resolution
         self.tokenizer = prepare_tokenizer(ctx.run_dir, config)
         self._references: list[Reference] | None = None
+        self.started_from: dict[str, str] | None = None  # set by the trainer
 
     # ------------------------------------------------------------------ the trainer's calls
 
@@ -199,6 +218,19 @@ class CLIPStage:
             self.image_size,
             LogitScale(cfg.loss.init_temperature, cfg.loss.max_logit_scale),
         )
+
+    def init_weights(self, folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+        """A CLIP export's towers and logit scale (its tokenizer is the run's already)."""
+        manifest = read_export(folder, self.name, verify=True)
+        if self.vae is not None:  # the latent tower learned this VAE's latents
+            try:
+                check_upstream(manifest, "vae", self.vae.hash, self.ctx.export_dir("vae"))
+            except ExportError as err:
+                raise ExportError(f"init.from: {folder}: {err}") from None
+        recorded = manifest.get("info", {}).get("model", {})
+        check_same_model(recorded, to_dict(self.config.model), folder)
+        prefixes = {name: f"{name}." for name in ("text", "image", "logit_scale")}
+        return state_dicts_by_prefix(load_tensors(folder), prefixes), manifest["hash"]
 
     def train_loader(self, rank: int, world_size: int) -> ResumableLoader:
         cfg = self.config
@@ -334,4 +366,5 @@ class CLIPStage:
             self.tokenizer,
             self.config,
             vae_hash=self.vae.hash if self.vae is not None else None,
+            started_from=self.started_from,
         )

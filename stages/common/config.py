@@ -4,6 +4,8 @@ A config is a tree of frozen dataclasses whose defaults live next to the code th
 them. A preset TOML file holds only differences from those defaults; command-line
 overrides are ``section.key=value`` with the value parsed as a TOML literal (a bare word
 is a string). Unknown keys and wrong types raise ``ConfigError`` naming the dotted key.
+A field whose key is a Python keyword names it in its metadata:
+``from_: str = field(default="", metadata={"key": "from"})`` is the key ``from``.
 """
 
 from __future__ import annotations
@@ -79,17 +81,22 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {hint!r}")
 
 
+def _key(f: dataclasses.Field) -> str:
+    """The config key of a dataclass field (its name, unless the metadata says otherwise)."""
+    return f.metadata.get("key", f.name)
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build the dataclass ``cls`` from a nested mapping; missing keys keep defaults."""
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    names = {_key(f): f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}' (known under "
             f"'{prefix or '<root>'}': {', '.join(sorted(names))})"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    kwargs = {names[k]: _coerce(v, hints[names[k]], f"{prefix}{k}") for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -98,7 +105,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {_key(f): plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, list | tuple):
             return [plain(v) for v in value]
         return value

@@ -182,6 +182,12 @@ def decode_image(data: bytes, resolution: int) -> torch.Tensor:
     """Image bytes -> float32 (3, R, R) in [-1, 1]; shorter side resized, then center-cropped."""
     image = Image.open(io.BytesIO(data))
     image.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale if larger
+    return image_tensor(image, resolution)
+
+
+def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """A PIL image -> float32 (3, R, R) in [-1, 1], as training sees it (alpha on white,
+    shorter side resized, center-cropped); the pipeline's image-to-image input too."""
     image = _to_rgb(image)
     if image.size != (resolution, resolution):
         width, height = image.size

@@ -36,6 +36,12 @@ Optional attributes: ``best_metric = None`` keeps no best checkpoint; ``resume_s
 (fnmatch patterns such as ``"val.*"``) adds the stage's own config keys that may change on
 resume to the trainer's ``RESUME_SAFE_KEYS``.
 
+Fine-tuning (``init.from``, see ``finetune.py``) needs ``init_weights(folder) ->
+({module: state_dict}, export hash)``: the weights of an export of this stage by module name
+(modules left out keep their built weights), refusing an export that does not fit the run.
+Before the loop the trainer sets ``stage.started_from`` (None, or ``{"from", "hash"}`` of
+that export) for ``export`` to record.
+
 Frozen networks a stage needs (the VAE for the UNet, LPIPS for the VAE) are held by the
 stage itself and are not in ``modules``; ``RunContext.device`` is this process's device.
 """

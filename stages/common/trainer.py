@@ -24,6 +24,9 @@ own ``resume_safe_keys``) is refused, naming the keys. Checkpoints are written e
 ``ckpt.every_steps`` steps, every ``ckpt.every_minutes`` of wall clock, at a new best
 validation metric, on preemption and at the end. A finished run re-run does nothing.
 
+Fine-tuning (``init.from``, ``init.freeze``: ``finetune.py``): a run without a checkpoint
+starts from an export's weights; what it started from is checkpointed and never re-read.
+
 Exit codes (also printed by ``python -m stages.<name> --help``):
     0    trained; or already trained and exported (nothing to do)
     1    an unexpected error (traceback above)
@@ -68,6 +71,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .checkpoint import Checkpoint, CheckpointError, CheckpointManager
 from .config import ConfigError, changed_keys, to_dict
 from .ema import EMA
+from .finetune import INIT_FILE, InitConfig, freeze, load_init
 from .log import MetricsLog, available_trackers, flat_config, progress_bar
 from .optim import apply_hyperparameters, lr_at, make_optimizer, set_lr
 from .seeding import derive_seed, preserve_rng, rng_state, seed_all, set_rng_state
@@ -257,7 +261,9 @@ class Trainer:
             if not name.isidentifier():
                 raise ValueError(f"{stage.name}.build(): module name {name!r} is not an identifier")
             module.to(acc.device).train()
+        freeze(modules, cfg.init)  # before the optimizer: frozen parameters get no state
         self.raw: dict[str, nn.Module] = modules  # the bare networks (DDP shares them)
+        self.started_from: dict[str, str] | None = None  # fine-tuning: the export's record
         self.ema = EMA(modules, cfg.ema) if cfg.ema.enabled else None  # copies, before wrapping
         optimizer = make_optimizer(modules, cfg.optim)
         *wrapped, self.optimizer = acc.prepare(*modules.values(), optimizer)
@@ -315,6 +321,7 @@ class Trainer:
         self.step, self.batches_seen = state["step"], state["batches_seen"]
         self.skipped_steps, self.overflow_steps = state["skipped_steps"], state["overflow_steps"]
         self.consecutive_skips, self.best = state["consecutive_skips"], state["best"]
+        self.started_from = state.get("init")
         scaler = self.accelerator.scaler
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -326,6 +333,9 @@ class Trainer:
         """Restore everything from the newest valid checkpoint; False if there is none."""
         checkpoint = self._find_checkpoint()
         if checkpoint is None:
+            if self.cfg.init.from_:
+                self.start_from_export()
+            self.stage.started_from = self.started_from
             seed_all(derive_seed(self.cfg.train.seed, "train", self.rank))
             return False
         saved_world = int(checkpoint.manifest.get("world_size", 1))
@@ -335,6 +345,8 @@ class Trainer:
                 f"{self.world}: the per-rank data cursors and random streams do not carry over"
             )
         saved, current = checkpoint.read("config"), to_dict(self.cfg)
+        # Checkpoints from before fine-tuning existed have no init section: random weights.
+        saved.setdefault("init", to_dict(InitConfig()))
         bad = unsafe_changes(saved, current, tuple(getattr(self.stage, "resume_safe_keys", ())))
         if bad:
             changes = ", ".join(f"{k} ({_get(saved, k)!r} -> {_get(current, k)!r})" for k in bad)
@@ -346,8 +358,19 @@ class Trainer:
             self._load_state(checkpoint)
         except (CheckpointError, KeyError, RuntimeError, ValueError) as err:
             raise ResumeError(f"{checkpoint.path} does not fit this run: {err!r}") from err
+        self.stage.started_from = self.started_from
         log.info("resumed from %s (step %d)", checkpoint.path, self.step)
         return True
+
+    def start_from_export(self) -> None:
+        """A new fine-tuning run: the export's weights, the EMA restarted there."""
+        self.started_from = load_init(self.stage, self.raw, self.cfg.init)
+        if self.ema is not None:
+            self.ema.copy_from(self.raw)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.run_dir / INIT_FILE, self.started_from)
+        log.info("starting from %s (export %s)", self.cfg.init.from_, self.started_from["hash"])
 
     # ------------------------------------------------------------------ saving
 
@@ -365,6 +388,7 @@ class Trainer:
                     "consecutive_skips": self.consecutive_skips,
                     "best": self.best,
                     "scaler": scaler.state_dict() if scaler is not None else None,
+                    "init": self.started_from,
                 },
                 "optimizer": self.optimizer.state_dict(),
                 **{f"model.{n}": m.state_dict() for n, m in self.raw.items()},

@@ -2,13 +2,15 @@
 
 All samplers share one signature and one coordinate system:
 
-    sampler(velocity_fn, noise, grid, rng=None, eta=0.0) -> x0
+    sampler(velocity_fn, noise, grid, rng=None, eta=0.0, init=None) -> x0
 
 ``velocity_fn(y, tau) -> v`` is the flow velocity v = noise - x0 of the state
 y = (1 - tau) x0 + tau noise (``objectives.Objective.velocity`` turns any trained network
 into one; for flow matching it is the network itself). ``grid`` (steps + 1,) is the
 schedule's flow-time grid from the noise end down to exactly 0 (``Schedule.grid``); the
-sampler starts from y = grid[0] * noise. In this coordinate (x0_hat, eps_hat) =
+sampler starts from y = grid[0] * noise, or, given ``init`` (image-to-image: the latents of
+an image, on a grid cut by ``partial_grid``), from y = (1 - grid[0]) init + grid[0] noise,
+the path's own state at that time. In this coordinate (x0_hat, eps_hat) =
 (y - tau v, y + (1 - tau) v), and the classic updates read:
 
 - Euler: y' = y + (tau' - tau) v. For any Gaussian schedule this *is* DDIM with eta = 0
@@ -82,6 +84,33 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
     )
 
 
+def partial_grid(grid: torch.Tensor, strength: float) -> torch.Tensor:
+    """Image-to-image's part of a sampling grid: from flow time t = strength * grid[0] down.
+
+    For flow matching grid[0] = 1, so t = strength (DDPM's and VDM's grids start just below
+    1). The points of ``grid`` below t are kept as they are (DDPM's network times stay on its
+    table), so about strength * steps steps run. Strength 1 gives ``grid`` itself, strength 0
+    the single point 0 (no step: the sampler returns ``init``).
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if strength == 1.0:
+        return grid
+    if strength == 0.0:
+        return grid[-1:]
+    start = grid[:1] * strength
+    # A grid point within float32 rounding of the start would make a zero-length step; the
+    # final 0 always stays.
+    below = grid[grid < start - 1e-6]
+    return torch.cat([start, below if below.numel() else grid[-1:]])
+
+
+def _start(noise: torch.Tensor, grid: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+    if init is None:
+        return grid[0] * noise.float()
+    return (1 - grid[0]) * init.float() + grid[0] * noise.float()
+
+
 def _draw(rng: RowNoise | None, like: torch.Tensor) -> torch.Tensor:
     return torch.randn_like(like) if rng is None else rng(like)
 
@@ -92,9 +121,10 @@ def euler_sample(
     grid: torch.Tensor,
     rng: RowNoise | None = None,
     eta: float = 0.0,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y_{i+1} = y_i + (tau_{i+1} - tau_i) v(y_i, tau_i); exact for a constant field."""
-    y = grid[0] * noise.float()
+    y = _start(noise, grid, init)
     for tau, tau_next in zip(grid[:-1], grid[1:]):
         y = y + (tau_next - tau) * velocity_fn(y, tau.expand(y.shape[0])).float()
     return y
@@ -106,9 +136,10 @@ def heun_sample(
     grid: torch.Tensor,
     rng: RowNoise | None = None,
     eta: float = 0.0,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Heun (trapezoid) steps: exact for a field linear in tau; two evaluations per step."""
-    y = grid[0] * noise.float()
+    y = _start(noise, grid, init)
     batch = y.shape[0]
     for tau, tau_next in zip(grid[:-1], grid[1:]):
         dt = tau_next - tau
@@ -131,9 +162,10 @@ def ddim_sample(
     grid: torch.Tensor,
     rng: RowNoise | None = None,
     eta: float = 0.0,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): deterministic at eta = 0, DDPM-like at eta = 1."""
-    y = grid[0] * noise.float()
+    y = _start(noise, grid, init)
     for tau, tau_next in zip(grid[:-1], grid[1:]):
         v = velocity_fn(y, tau.expand(y.shape[0])).float()
         x0, eps = y - tau * v, y + (1 - tau) * v
@@ -151,9 +183,10 @@ def ancestral_sample(
     grid: torch.Tensor,
     rng: RowNoise | None = None,
     eta: float = 0.0,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DDPM's ancestral sampling: y' ~ q(y' | y, x0_hat) over the grid (full or strided)."""
-    y = grid[0] * noise.float()
+    y = _start(noise, grid, init)
     for tau, tau_next in zip(grid[:-1], grid[1:]):
         v = velocity_fn(y, tau.expand(y.shape[0])).float()
         x0 = y - tau * v

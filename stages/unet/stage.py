@@ -12,6 +12,11 @@ statistics) and ``inputs.text = false`` trains an unconditional model (no CLIP e
 the objective (``objectives.py``: flow matching, DDPM eps / v, VDM) is a config choice, its
 learned schedule (VDM) a second trained module exported beside the UNet as ``schedule.*``.
 
+Fine-tuning (``init.from``, ``stages/common/finetune.py``) starts from a UNet export of the
+same architecture, inputs and objective kind trained against the very VAE and CLIP exports
+this run uses (its latents and text states are what the weights learned), and records the
+export's hash in its own export's ``info["init"]``.
+
 The stage contract: the run folder records the upstream export hashes it trained against
 in ``upstream.json``; restarting (resuming) the run against other exports is refused with
 a message naming both, and the export's manifest records them for the pipeline.
@@ -35,7 +40,14 @@ from stages.common.checkpoint import CheckpointConfig
 from stages.common.config import ConfigError, to_dict
 from stages.common.data import DataConfig, ResumableBatches, ShardLoader
 from stages.common.ema import EMAConfig
-from stages.common.export import ExportError, write_export
+from stages.common.export import (
+    ExportError,
+    check_upstream,
+    load_tensors,
+    read_export,
+    write_export,
+)
+from stages.common.finetune import InitConfig, check_same_model, state_dicts_by_prefix
 from stages.common.optim import OptimConfig
 from stages.common.shards import write_json_atomic
 from stages.common.stage import RunContext
@@ -68,6 +80,7 @@ class UNetStageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -184,6 +197,7 @@ class UNetStage:
             self.best_metric = ("bpd", "min") if config.objective.kind == "vdm" else None
         self._evaluator: Evaluator | None = None
         self.reference: dict[str, float] = {}
+        self.started_from: dict[str, str] | None = None  # set by the trainer
         check_run_upstream(ctx.run_dir, self.hashes, exports)
 
     @property
@@ -228,6 +242,37 @@ class UNetStage:
         log.info("unet: %.2fM parameters", count_parameters(unet) / 1e6)
         schedule = self.objective.learned_schedule
         return {"unet": unet} if schedule is None else {"unet": unet, "schedule": schedule}
+
+    def init_weights(self, folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+        """A UNet export's weights (and VDM's schedule), refusing one that does not fit."""
+        manifest = read_export(folder, self.name, verify=True)
+        info = manifest.get("info", {})
+        try:
+            for name, actual in self.hashes.items():
+                check_upstream(manifest, name, actual, self.ctx.export_dir(name))
+        except ExportError as err:
+            raise ExportError(f"init.from: {folder}: {err}") from None
+        cfg = self.config
+        recorded = {
+            "inputs": to_dict(InputsConfig.recorded(info)),
+            "objective.kind": info.get("objective", {}).get("kind", "flow"),
+        }
+        current = {"inputs": to_dict(cfg.inputs), "objective.kind": cfg.objective.kind}
+        for key, value in recorded.items():
+            if value != current[key]:
+                raise ConfigError(
+                    f"init.from: {folder} was trained with {key} = {value}, this run has "
+                    f"{current[key]}: fine-tuning keeps them"
+                )
+
+        def arch(model: dict) -> dict:  # a memory switch, not the architecture
+            return {k: v for k, v in model.items() if k != "gradient_checkpointing"}
+
+        check_same_model(arch(info.get("model", {})), arch(to_dict(cfg.model)), folder)
+        prefixes = {"unet": "", "schedule": "schedule."}
+        if self.objective.learned_schedule is None:
+            del prefixes["schedule"]
+        return state_dicts_by_prefix(load_tensors(folder), prefixes), manifest["hash"]
 
     def train_loader(self, rank: int, world_size: int) -> ResumableBatches | ShardLoader:
         cfg = self.config
@@ -306,6 +351,8 @@ class UNetStage:
             "time_convention": objective_time_convention(cfg.objective.kind),
             "parameters": count_parameters(unet),
         }
+        if self.started_from is not None:
+            info["init"] = self.started_from
         write_export(Path(folder), self.name, tensors, cfg, info, self.hashes)
 
 

@@ -49,13 +49,15 @@ def save_vae_export(
     mean: torch.Tensor,
     std: torch.Tensor,
     resolution: int | None = None,
+    started_from: dict[str, str] | None = None,
 ) -> str:
     """Write a VAE export of ``model`` (even an untrained one); returns the export hash.
 
     ``config`` is written as ``config.json`` (the stage's resolved VAEConfig, or just a
     VAEModelConfig in tests). ``mean`` / ``std`` are the per-channel latent statistics, (C,).
     ``resolution`` defaults to ``config.data.resolution`` when the config has a data section,
-    else to the DataConfig default (32 px).
+    else to the DataConfig default (32 px). ``started_from``: the export a fine-tuning run
+    started from (recorded as ``info["init"]``).
     """
     vae = _unwrap(model)
     channels = vae.config.latent_channels
@@ -73,6 +75,8 @@ def save_vae_export(
         "latent_std": std_list,
         "model": to_dict(vae.config),
     }
+    if started_from is not None:
+        info["init"] = dict(started_from)
     return write_export(Path(folder), STAGE, vae.state_dict(), config, info=info)
 
 

@@ -11,6 +11,8 @@
 - Export: after training, per-channel latent statistics over ``stats.batches`` training
   batches: ``mean`` = the mean of posterior means, ``std`` = the std of *sampled* latents
   z = mu + sigma * eps, so it includes the posterior noise the UNet's targets carry.
+- Fine-tuning (``init.from``): a VAE export of the same model; ``init.freeze =
+  ["vae.encoder"]`` trains the decoder alone.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from stages.common.checkpoint import CheckpointConfig
-from stages.common.config import ConfigError
+from stages.common.config import ConfigError, to_dict
 from stages.common.data import DataConfig, ShardLoader, iter_split
 from stages.common.ema import EMAConfig
+from stages.common.export import load_tensors, read_export
+from stages.common.finetune import InitConfig, check_same_model
 from stages.common.optim import OptimConfig
 from stages.common.probe import ColourShapeJudge, ProbeConfig, Reference, find_references
 from stages.common.stage import RunContext
@@ -73,6 +77,7 @@ class VAEConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(betas=(0.5, 0.9)))
     ema: EMAConfig = field(default_factory=EMAConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     val: ValConfig = field(default_factory=ValConfig)
     stats: LatentStatsConfig = field(default_factory=LatentStatsConfig)
 
@@ -145,6 +150,7 @@ class VAEStage:
         self.augment = build_augment(config.augment)
         self._preview_images: torch.Tensor | None = None
         self._references: list[Reference] | None = None
+        self.started_from: dict[str, str] | None = None  # set by the trainer
 
     # ------------------------------------------------------------------ training
 
@@ -156,6 +162,17 @@ class VAEStage:
                 self.config.model.in_channels, cfg.disc_channels, cfg.disc_layers
             )
         return modules
+
+    def init_weights(self, folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+        """A VAE export's autoencoder (a discriminator, if any, starts fresh)."""
+        manifest = read_export(folder, "vae", verify=True)
+
+        def arch(model: dict) -> dict:  # a memory switch, not the architecture
+            return {k: v for k, v in model.items() if k != "gradient_checkpointing"}
+
+        recorded = manifest.get("info", {}).get("model", {})
+        check_same_model(arch(recorded), arch(to_dict(self.config.model)), folder)
+        return {"vae": load_tensors(folder)}, manifest["hash"]
 
     def train_loader(self, rank: int, world_size: int) -> ShardLoader:
         return ShardLoader.from_config(
@@ -263,4 +280,4 @@ class VAEStage:
         generator = torch.Generator(device=_device(vae)).manual_seed(cfg.stats.seed)
         mean, std = latent_statistics(vae, loader, cfg.stats.batches, generator)
         vae.train(was_training)
-        save_vae_export(vae, cfg, folder, mean, std)
+        save_vae_export(vae, cfg, folder, mean, std, started_from=self.started_from)
