@@ -298,6 +298,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.num_images < 1 or args.probe_seeds < 1:
         raise ValueError("--num-images and --probe-seeds must be at least 1")
     config = sample_config(args)
+    if config.threads < 0:
+        raise ValueError(f"threads must be 0 (one per core) or more, got {config.threads}")
     if config.threads:
         torch.set_num_threads(config.threads)
     folders = export_folders(args)
