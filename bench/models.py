@@ -111,6 +111,8 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict[str, Any]:
         "class_embed_type": "simple_projection",
         "projection_class_embeddings_input_dim": cfg.context_dim,
         "dropout": cfg.dropout,
+        # ours: norm2(h) * (1 + scale) + shift, as diffusers' ResnetBlock2D "scale_shift"
+        "resnet_time_scale_shift": "scale_shift" if cfg.scale_shift else "default",
     }
 
 
