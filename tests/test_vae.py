@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import urllib.error
 from pathlib import Path
 
@@ -188,9 +189,7 @@ def test_lpips_gradients_flow_to_the_reconstruction_only():
     assert all(p.grad is None and not p.requires_grad for p in loss_fn.lpips.parameters())
 
 
-def test_lpips_offline_error_says_how_to_fix_and_weight_zero_skips_it(
-    monkeypatch, tmp_path, capsys
-):
+def test_lpips_offline_error_says_how_to_fix_and_weight_zero_skips_it(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
@@ -201,10 +200,35 @@ def test_lpips_offline_error_says_how_to_fix_and_weight_zero_skips_it(
     assert "vgg16-397923af.pth" in message and "hub/checkpoints" in message
     assert "loss.lpips_weight=0" in message
     assert VAELoss(VAELossConfig(lpips_weight=0)).lpips is None  # never built
+
+
+@pytest.mark.parametrize("preset", ["small", "base"])
+def test_offline_lpips_error_names_every_fix_and_one_retry_passes(preset, monkeypatch, tmp_path):
+    """Offline with an empty torch hub cache, the stage's one message names the file's exact
+    path and every override that trains without LPIPS; with those the stage's checks pass."""
+    attempts = []
+
+    def offline(url, dst, *args, **kwargs):
+        attempts.append((url, dst))
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    ctx = RunContext(tmp_path / "runs", preset, "vae")
+    with pytest.raises(LPIPSUnavailable) as err:
+        VAEStage(load_config(VAEConfig, preset, "vae"), ctx)
+    message = str(err.value)
+    [(url, dst)] = attempts
+    assert url in message and dst in message  # where torch hub looks, down to the file name
+    assert dst.endswith("/hub/checkpoints/vgg16-397923af.pth")
+    overrides = re.search(r'ARGS="([^"]*)"', message).group(1).split()
+    assert overrides == ["loss.lpips_weight=0", "val.metric=l1"]
+    assert " ".join(overrides) in message
+    stage = VAEStage(load_config(VAEConfig, preset, "vae", overrides), ctx)  # the one retry
+    assert stage.loss_fn.lpips is None and len(attempts) == 1
     # The command line reports it as a config error (exit 2), not a traceback.
-    argv = ["--preset", "small", "--data", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    argv = ["--preset", preset, "--data", str(tmp_path), "--runs", str(tmp_path / "runs")]
     assert run_stage("vae", VAEConfig, VAEStage, argv) == 2
-    assert "loss.lpips_weight=0" in capsys.readouterr().err
 
 
 def test_augment_off_by_default_and_flip_applies():

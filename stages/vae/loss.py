@@ -21,7 +21,9 @@ sums over pixels divided by the batch): ``kl`` is divided by the 3*H*W pixel val
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import lpips
@@ -95,8 +97,16 @@ class LPIPSUnavailable(ConfigError):
     A ConfigError, so the CLI prints the message (with its fix) and exits 2, no traceback."""
 
 
-def build_lpips(cfg: VAELossConfig) -> nn.Module:
-    """Frozen LPIPS (Zhang et al. 2018) on images in [-1, 1]; clear error when offline."""
+def backbone_path(net: str) -> Path:
+    """Where torchvision looks for the backbone's weights: torch hub's cache ($TORCH_HOME)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / _BACKBONES[net].url.rsplit("/", 1)[-1]
+
+
+def build_lpips(cfg: VAELossConfig, without: Sequence[str] = ("loss.lpips_weight=0",)) -> nn.Module:
+    """Frozen LPIPS (Zhang et al. 2018) on images in [-1, 1]; downloads the backbone once.
+
+    Offline, the error names both ways out at once: the file and the exact path to put it
+    at, or ``without``, every override that trains without LPIPS (the stage adds its own)."""
     random_backbone = cfg.lpips_backbone == "random"
     try:
         with warnings.catch_warnings():
@@ -105,13 +115,13 @@ def build_lpips(cfg: VAELossConfig) -> nn.Module:
                 net=cfg.lpips_net, pretrained=True, pnet_rand=random_backbone, verbose=False
             )
     except (OSError, RuntimeError) as err:
-        url = _BACKBONES[cfg.lpips_net].url
-        hub = torch.hub.get_dir()
+        overrides = " ".join(without)
         raise LPIPSUnavailable(
-            f"LPIPS ({cfg.lpips_net}) needs torchvision's ImageNet backbone "
-            f"{url.rsplit('/', 1)[-1]}, which could not be loaded ({err}). Download {url} and "
-            f"put it in {hub}/checkpoints/ ($TORCH_HOME/hub/checkpoints/, by default "
-            "~/.cache/torch/hub/checkpoints/), or train without LPIPS: loss.lpips_weight=0"
+            f"LPIPS ({cfg.lpips_net}) needs torchvision's ImageNet backbone, which could not "
+            f"be loaded ({err}). Either download {_BACKBONES[cfg.lpips_net].url} to "
+            f"{backbone_path(cfg.lpips_net)} (torch hub's cache: $TORCH_HOME/hub/checkpoints/, "
+            f"by default ~/.cache/torch/hub/checkpoints/), or train without LPIPS with all of "
+            f'these overrides: {overrides} (make: ARGS="{overrides}")'
         ) from err
     return net.eval().requires_grad_(False)
 

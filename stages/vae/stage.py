@@ -40,7 +40,7 @@ from .augment import AugmentConfig, build_augment
 from .discriminator import NLayerDiscriminator
 from .evaluate import colours_kept, reconstruction_report, save_worst_grid
 from .export import save_vae_export
-from .loss import VAELoss, VAELossConfig
+from .loss import VAELoss, VAELossConfig, build_lpips
 from .model import AutoencoderKL, DiagonalGaussian, VAEModelConfig
 
 METRIC_DIRECTION: dict[str, Literal["min", "max"]] = {
@@ -80,6 +80,13 @@ class VAEConfig:
     init: InitConfig = field(default_factory=InitConfig)
     val: ValConfig = field(default_factory=ValConfig)
     stats: LatentStatsConfig = field(default_factory=LatentStatsConfig)
+
+
+def without_lpips(config: VAEConfig) -> tuple[str, ...]:
+    """Every override that trains ``config`` without LPIPS: offline, one retry must work."""
+    if config.val.metric == "lpips":
+        return ("loss.lpips_weight=0", "val.metric=l1")
+    return ("loss.lpips_weight=0",)
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -146,7 +153,10 @@ class VAEStage:
                 f"{disc_min} px (data.resolution is {config.data.resolution}): use fewer layers"
             )
         self.best_metric = (config.val.metric, METRIC_DIRECTION[config.val.metric])
-        self.loss_fn = VAELoss(config.loss)  # builds (and checks) LPIPS up front
+        lpips_net = None
+        if config.loss.lpips_weight > 0:  # built (and checked) up front
+            lpips_net = build_lpips(config.loss, without_lpips(config))
+        self.loss_fn = VAELoss(config.loss, lpips_net)
         self.augment = build_augment(config.augment)
         self._preview_images: torch.Tensor | None = None
         self._references: list[Reference] | None = None
