@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import unicodedata
@@ -221,9 +222,9 @@ def test_export_reload_gives_identical_embeddings_and_null(tokenizer, tmp_path):
 # --------------------------------------------------------------------------------- stage
 
 
-def write_vae_export(runs: Path, preset: str) -> str:
+def write_vae_export(runs: Path, preset: str, seed: int = 0) -> str:
     """An untrained but real VAE export: factor 2, 4 latent channels (16 px -> 8x8x4)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = VAEModelConfig(
         base_channels=8,
         channel_mult=(1, 2),
@@ -367,6 +368,23 @@ def test_resume_through_the_shared_loop_equals_an_uninterrupted_run(
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(want[key], got[key]), key
+
+
+def test_a_run_on_a_replaced_vae_export_retrains_instead_of_doing_nothing(tiny_shards, tmp_path):
+    """Issue 15, item 4: after the VAE is retrained, `make clip` used to find its run
+    finished and do nothing, and `make unet` then refused the CLIP export for ever. The
+    run folder is now kept aside and CLIP trains again on the new VAE."""
+    runs = tmp_path / "runs"
+    old_vae = write_vae_export(runs, "tiny")
+    assert run_clip(tiny_shards, runs, *stage_overrides(tiny_shards, 2)) == 0
+    run_dir = runs / "tiny" / "clip"
+    shutil.rmtree(runs / "tiny" / "vae")
+    new_vae = write_vae_export(runs, "tiny", seed=1)  # the VAE was trained again
+    assert new_vae != old_vae
+    assert run_clip(tiny_shards, runs, *stage_overrides(tiny_shards, 2)) == 0
+    assert load_clip(run_dir / "export", vae_hash=new_vae).upstream == {"vae": new_vae}
+    (stale,) = (runs / "tiny").glob("clip.stale-*")
+    assert load_clip(stale / "export", vae_hash=old_vae).upstream == {"vae": old_vae}
 
 
 # Run by two fresh interpreters (a fork of the test process could deadlock in OpenMP and a

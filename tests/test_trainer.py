@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from toy_stage import ToyConfig, ToyCrash, ToyNet, ToyStage, digest
 
 from stages.common.checkpoint import CheckpointManager, read_tree
+from stages.common.cli import run_stage
 from stages.common.config import ConfigError, load_config
 from stages.common.log import read_metrics
 from stages.common.optim import lr_at
@@ -31,6 +32,7 @@ from stages.common.shards import sha256_file
 from stages.common.stage import RunContext
 from stages.common.trainer import (
     EXIT_CANNOT_RESUME,
+    EXIT_ERROR,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -198,18 +200,90 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, refere
     assert_bitwise_equal(final_state(tmp_path), reference["state"])
 
 
+def mirrored_run(mirror: Path) -> Path:
+    """The one run folder under the mirror (``<mirror>/tiny/toy/<run id>/``)."""
+    (folder,) = (mirror / "tiny" / "toy").iterdir()
+    return folder
+
+
 def test_resume_from_the_mirror_when_the_run_folder_is_gone(tmp_path, reference):
     mirror = tmp_path / "drive"
     with pytest.raises(ToyCrash):
         run(tmp_path / "runs", f"ckpt.mirror='{mirror}'", "toy.crash_at_batch=6")
-    copy = mirror / "tiny" / "toy" / "checkpoints" / "step_0000004"
-    assert (copy / "manifest.json").exists()
+    folder = mirrored_run(mirror)
+    assert (folder / "checkpoints" / "step_0000004" / "manifest.json").exists()
+    identity = json.loads((folder / "run.json").read_text())
+    assert identity["id"] == folder.name and (folder / "config.json").exists()
     shutil.rmtree(tmp_path / "runs")
     code, stage = run(tmp_path / "runs", f"ckpt.mirror='{mirror}'")
     assert code == EXIT_OK
     assert ids(stage.seen) == ids(reference["seen"])[4:]
     assert_bitwise_equal(final_state(tmp_path / "runs"), reference["state"])
-    assert (mirror / "tiny" / "toy" / "checkpoints" / "step_0000008" / "manifest.json").exists()
+    assert mirrored_run(mirror) == folder  # the fresh folder took the mirrored run's identity
+    assert json.loads((tmp_path / "runs/tiny/toy/run.json").read_text()) == identity
+    assert (folder / "checkpoints" / "step_0000008" / "manifest.json").exists()
+
+
+def test_runs_sharing_a_mirror_neither_resume_nor_rotate_each_other(tmp_path, reference):
+    """Issue 15, item 1: another runs folder (another LR) on the same Drive folder is
+    another run: it starts at step 0, and its keep_last=1 rotation leaves the first run's
+    mirrored checkpoints alone, which still resume that run alone."""
+    mirror = tmp_path / "drive"
+    with pytest.raises(ToyCrash):  # run a: step 4 mirrored, killed in step 7
+        run(tmp_path / "a", f"ckpt.mirror='{mirror}'", "toy.crash_at_batch=6")
+    code, other = run(
+        tmp_path / "b", f"ckpt.mirror='{mirror}'", "optim.lr=5e-3", "ckpt.keep_last=1"
+    )
+    assert code == EXIT_OK
+    assert other.seen[0]["step"] == 0 and len(other.seen) == 8  # trained from scratch
+    runs = sorted((mirror / "tiny" / "toy").iterdir())
+    assert len(runs) == 2
+    assert any((r / "checkpoints" / "step_0000004" / "manifest.json").exists() for r in runs)
+    shutil.rmtree(tmp_path / "a")  # a's runtime is gone: it continues from its own copy
+    code, stage = run(tmp_path / "a", f"ckpt.mirror='{mirror}'")
+    assert code == EXIT_OK
+    assert ids(stage.seen) == ids(reference["seen"])[4:]
+    assert_bitwise_equal(final_state(tmp_path / "a"), reference["state"])
+
+
+def test_a_second_process_on_the_run_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    """Issue 15, item 3: a second terminal (or a re-run Colab cell) on a busy run folder
+    exits at once with the holder's PID and touches nothing; the folder is free again when
+    the holder is gone (the kernel drops its lock)."""
+    configs = tmp_path / "configs"
+    (configs / "tiny").mkdir(parents=True)
+    argv = ["--configs", str(configs), "--runs", str(tmp_path), "train.max_steps=2"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "tiny" / "toy")],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        code = run_stage("toy", ToyConfig, ToyStage, argv)
+        assert code == EXIT_ERROR and time.monotonic() - started < 10
+        assert f"PID {holder.pid}" in capsys.readouterr().err
+        assert not (tmp_path / "tiny" / "toy").exists()  # no config, no checkpoint written
+    finally:
+        holder.kill()
+        holder.wait()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert run_stage("toy", ToyConfig, ToyStage, argv) == EXIT_OK
+
+
+# The first process, reduced to what it does to the run folder: the lock beside it.
+HOLD_LOCK = """
+import fcntl, os, sys, time
+os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+fd = os.open(os.path.join(os.path.dirname(sys.argv[1]), ".toy.lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 def test_nan_batch_is_skipped_without_touching_weights_or_schedule(tmp_path):

@@ -30,7 +30,7 @@ from stages.unet.export import load_unet
 from stages.unet.model import SpatialTransformer, UNet, UNetConfig, count_parameters
 from stages.unet.samplers import SamplingConfig, cfg_velocity, euler_sample, seeded_noise
 from stages.unet.schedules import FlowSchedule
-from stages.unet.stage import UNetStage, UNetStageConfig, UpstreamMismatch, resolve_model
+from stages.unet.stage import UNetStage, UNetStageConfig, resolve_model
 from stages.vae.export import load_vae, save_vae_export
 from stages.vae.model import AutoencoderKL, VAEModelConfig
 
@@ -331,21 +331,27 @@ def test_cache_hit_miss_and_stale(exports, tiny_shards, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- contract
 
 
-def test_stage_refuses_other_upstream_exports(exports, tiny_shards, tmp_path):
+def test_run_on_other_upstream_exports_is_moved_aside_not_resumed(exports, tiny_shards, tmp_path):
+    """Issue 15, item 4: a UNet run folder trained on other exports is never resumed nor a
+    dead end (it used to refuse and say to delete it): it is kept aside, a new run starts."""
     runs = copy_runs(exports, tmp_path)
     ctx = RunContext(runs, "tiny", "unet")
     stage = UNetStage(stage_config(tiny_shards), ctx)
     recorded = json.loads((ctx.run_dir / "upstream.json").read_text())
     assert recorded == {"vae": stage.vae.hash, "clip": stage.clip.hash}
-    UNetStage(stage_config(tiny_shards), ctx)  # same exports: accepted
+    (ctx.run_dir / "checkpoints").mkdir()  # stands for the run's state
+    UNetStage(stage_config(tiny_shards), ctx)  # same exports: the folder is kept
+    assert (ctx.run_dir / "checkpoints").exists()
 
-    # The CLIP export is replaced by one from another training: the run folder refuses it.
+    # The CLIP export is replaced by one from another training: the old run goes aside.
     old_clip = stage.clip.hash
     shutil.rmtree(runs / "tiny" / "clip" / "export")
     new_clip = build_clip_export(runs / "tiny" / "clip" / "export", tiny_shards, stage.vae.hash, 7)
-    with pytest.raises(UpstreamMismatch) as err:
-        UNetStage(stage_config(tiny_shards), ctx)
-    assert old_clip in str(err.value) and new_clip in str(err.value)
+    UNetStage(stage_config(tiny_shards), ctx)
+    (stale,) = (runs / "tiny").glob("unet.stale-*")
+    assert json.loads((stale / "upstream.json").read_text())["clip"] == old_clip
+    assert (stale / "checkpoints").exists() and not (ctx.run_dir / "checkpoints").exists()
+    assert json.loads((ctx.run_dir / "upstream.json").read_text())["clip"] == new_clip
 
     # A CLIP export trained on another VAE is refused before anything is trained.
     shutil.rmtree(runs / "tiny" / "clip" / "export")

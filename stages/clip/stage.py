@@ -1,7 +1,8 @@
 """Stage 2: contrastive training of the text encoder against a small image tower.
 
 The tokenizer is trained once from the train split's captions at the first start of a run
-and kept in the run folder (a resumed run, and the export, reuse that file). Images reach
+and kept in the run folder (a resumed run, and the export, reuse that file). The run folder
+records the VAE export it trains on; a run on another one is moved aside, never resumed. Images reach
 the tower as normalised VAE latents (posterior mean, ``(z - mean) / std`` with the export's
 statistics) or as pixels. Validation is retrieval over the whole val split in both
 directions; a retrieved item counts as a hit when its caption tokenises identically to the
@@ -44,6 +45,7 @@ from stages.common.export import ExportError, check_upstream, load_tensors, read
 from stages.common.finetune import InitConfig, check_same_model, state_dicts_by_prefix
 from stages.common.optim import OptimConfig
 from stages.common.probe import ProbeConfig, Reference, find_references, text_probe
+from stages.common.run import claim_upstream
 from stages.common.stage import ResumableLoader, RunContext
 from stages.common.trainer import TrainConfig, unwrap
 from stages.vae.export import LoadedVAE, load_vae
@@ -203,6 +205,8 @@ class CLIPStage:
             self.image_size = config.data.resolution // self.vae.factor
         else:
             self.image_channels, self.image_size = 3, config.data.resolution
+        # Before anything is written there: a run on another VAE export is moved aside.
+        claim_upstream(ctx.run_dir, {"vae": self.vae.hash} if self.vae is not None else {})
         self.tokenizer = prepare_tokenizer(ctx.run_dir, config)
         self._references: list[Reference] | None = None
         self.started_from: dict[str, str] | None = None  # set by the trainer

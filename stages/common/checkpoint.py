@@ -48,7 +48,7 @@ class CheckpointConfig:
     every_steps: int = 500  # 0 disables step-based saves
     every_minutes: float = 10.0  # wall-clock saves (a Colab runtime dies without a signal); 0 off
     keep_last: int = 2  # plus the best by validation metric and the final one (at least 1)
-    mirror: str = ""  # e.g. a mounted Drive: <mirror>/<preset>/<stage>/checkpoints/ gets copies
+    mirror: str = ""  # e.g. a mounted Drive: <mirror>/<preset>/<stage>/<run id>/ gets copies
 
 
 class CheckpointError(RuntimeError):

@@ -3,8 +3,10 @@
 Each stage's ``__main__`` is ``raise SystemExit(run_stage("vae", VAEConfig, VAEStage))``.
 The config is defaults <- ``configs/<preset>/<name>.toml`` <- ``section.key=value``
 overrides (``--data X`` is the override ``data.path=X``); ``--dry-run`` prints it and exits.
-Otherwise the resolved config goes to ``<runs>/<preset>/<name>/config.json``, the stage is
-built and handed to the shared trainer, whose exit code is returned (see ``EPILOG``).
+Otherwise the run folder ``<runs>/<preset>/<name>/`` is locked (a second process on it is
+refused at once, naming the holder), the stage is built (which moves a run folder trained on
+other upstream exports aside), the resolved config goes to its ``config.json`` and the stage
+is handed to the shared trainer, whose exit code is returned (see ``EPILOG``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 from .config import CONFIGS_DIR, ConfigError, dumps, load_config, save_json
 from .export import ExportError
 from .log import setup_console_logging
+from .run import RunFolderBusy, RunLock
 from .shards import ManifestError
 from .stage import RunContext, Stage
 from .trainer import (
@@ -43,7 +47,8 @@ Runs on a CPU, one GPU, or many: accelerate launch / torchrun -m stages.<name> .
 
 exit codes:
   {EXIT_OK:<4} trained, or already trained and exported (nothing to do)
-  1    unexpected error (traceback printed)
+  1    unexpected error (traceback printed), a missing upstream export, or the run folder
+       is in use by another process (its PID is named)
   {EXIT_CONFIG:<4} bad config, preset or override (the key is named)
   {EXIT_CANNOT_RESUME:<4} cannot resume: config keys that break resume changed (named), the number
        of processes changed, or no existing checkpoint is usable
@@ -92,10 +97,22 @@ def run_stage(
     state = PartialState(cpu=force_cpu())  # the device and rank, before the stage is built
     setup_console_logging(state.is_main_process)
     ctx = RunContext(Path(args.runs), args.preset, name, state.device)
-    if state.is_main_process:
-        save_json(config, ctx.run_dir / "config.json")
+    lock = RunLock(ctx.run_dir)
+    busy: list[str | None] = [None]
+    if state.is_main_process:  # one launch = one holder; its other ranks learn the outcome
+        try:
+            lock.acquire()
+        except RunFolderBusy as err:
+            busy = [str(err)]
+    if state.num_processes > 1:
+        broadcast_object_list(busy)
+    if busy[0] is not None:
+        print(f"error: {busy[0]}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         stage = make_stage(config, ctx)
+        if state.is_main_process:  # after the stage: a stale folder has been moved aside
+            save_json(config, ctx.run_dir / "config.json")
         return train(stage, ctx)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
@@ -107,3 +124,5 @@ def run_stage(
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_ABORTED
+    finally:
+        lock.release()

@@ -29,7 +29,7 @@ starts from an export's weights; what it started from is checkpointed and never 
 
 Exit codes (also printed by ``python -m stages.<name> --help``):
     0    trained; or already trained and exported (nothing to do)
-    1    an unexpected error (traceback above)
+    1    an unexpected error (traceback above); the run folder is in use (see cli)
     2    bad config, preset or override (named)
     3    cannot resume: the config changed in keys that break resume (named), the number of
          processes changed, or every existing checkpoint is unusable
@@ -74,6 +74,7 @@ from .ema import EMA
 from .finetune import INIT_FILE, InitConfig, freeze, load_init
 from .log import MetricsLog, available_trackers, flat_config, progress_bar
 from .optim import apply_hyperparameters, lr_at, make_optimizer, set_lr
+from .run import IDENTITY_FILE, UPSTREAM_FILE, run_identity
 from .seeding import derive_seed, preserve_rng, rng_state, seed_all, set_rng_state
 from .shards import write_json_atomic
 from .stage import RunContext, Stage
@@ -277,13 +278,33 @@ class Trainer:
         self.overflow_steps = 0  # fp16 scaler overflows
         self.consecutive_skips = 0
         self.best: dict[str, Any] | None = None
+        mirror = None
+        if self.is_main:  # only the main rank finds, commits and mirrors checkpoints
+            mirror = self._mirror_folder(ctx)
         self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints",
-            keep_last=cfg.ckpt.keep_last,
-            mirror=Path(cfg.ckpt.mirror) / ctx.preset / ctx.stage / "checkpoints"
-            if cfg.ckpt.mirror
-            else None,
+            self.run_dir / "checkpoints", keep_last=cfg.ckpt.keep_last, mirror=mirror
         )
+
+    def _mirror_folder(self, ctx: RunContext) -> Path | None:
+        """``<mirror>/<preset>/<stage>/<run id>/checkpoints``, beside copies of the run's
+        identity, upstream record and config (``run.json`` is drawn here at the first start)."""
+        base = Path(self.cfg.ckpt.mirror) / ctx.preset / ctx.stage if self.cfg.ckpt.mirror else None
+        identity = run_identity(self.run_dir, ctx.runs_root, base)
+        if base is None:
+            return None
+        folder = base / identity["id"]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(folder / IDENTITY_FILE, identity)
+            upstream = self.run_dir / UPSTREAM_FILE
+            write_json_atomic(
+                folder / UPSTREAM_FILE,
+                json.loads(upstream.read_text()) if upstream.exists() else {},
+            )
+            write_json_atomic(folder / "config.json", to_dict(self.cfg))
+        except OSError as err:  # as with checkpoint copies: a failing mirror never stops a run
+            log.warning("could not write the run's files to the mirror %s: %s", folder, err)
+        return folder / "checkpoints"
 
     # ------------------------------------------------------------------ resume
 

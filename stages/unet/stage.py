@@ -18,15 +18,14 @@ this run uses (its latents and text states are what the weights learned), and re
 export's hash in its own export's ``info["init"]``.
 
 The stage contract: the run folder records the upstream export hashes it trained against
-in ``upstream.json``; restarting (resuming) the run against other exports is refused with
-a message naming both, and the export's manifest records them for the pipeline.
+in ``upstream.json`` (``stages.common.run.claim_upstream``); a run folder trained against
+other exports is moved aside and a new run starts, and the export's manifest records them
+for the pipeline.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +48,7 @@ from stages.common.export import (
 )
 from stages.common.finetune import InitConfig, check_same_model, state_dicts_by_prefix
 from stages.common.optim import OptimConfig
-from stages.common.shards import write_json_atomic
+from stages.common.run import claim_upstream
 from stages.common.stage import RunContext
 from stages.common.trainer import TrainConfig, unwrap
 from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
@@ -70,8 +69,6 @@ from .samplers import SamplingConfig, check_sampling
 
 log = logging.getLogger(__name__)
 
-UPSTREAM_FILE = "upstream.json"
-
 
 @dataclass(frozen=True)
 class UNetStageConfig:
@@ -90,14 +87,6 @@ class UNetStageConfig:
     captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
 
 
-class UpstreamMismatch(ExportError):
-    """The run folder was trained against other VAE / CLIP exports than the ones present."""
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def resolve_model(cfg: UNetConfig, channels: int, context_dim: int, side: int) -> UNetConfig:
     """Fill the 0 (= from upstream) fields; a set field must agree with the exports."""
     resolved = {"in_channels": channels, "context_dim": context_dim, "sample_size": side}
@@ -109,23 +98,6 @@ def resolve_model(cfg: UNetConfig, channels: int, context_dim: int, side: int) -
                 "leave it at 0 to take it from them"
             )
     return replace(cfg, **resolved)
-
-
-def check_run_upstream(run_dir: Path, hashes: dict[str, str], exports: dict[str, Path]) -> None:
-    """Refuse a run folder trained against other exports; record the hashes on first use."""
-    path = Path(run_dir) / UPSTREAM_FILE
-    if path.exists():
-        recorded = json.loads(path.read_text())
-        for name, actual in hashes.items():
-            if recorded.get(name) != actual:
-                raise UpstreamMismatch(
-                    f"{run_dir} was trained against {name} export {recorded.get(name)}, but "
-                    f"{exports[name]} holds {name} export {actual}: delete {run_dir} to train "
-                    f"the UNet again on the new exports, or restore the {name} export it used"
-                )
-    elif _is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, hashes)
 
 
 class UNetStage:
@@ -198,7 +170,7 @@ class UNetStage:
         self._evaluator: Evaluator | None = None
         self.reference: dict[str, float] = {}
         self.started_from: dict[str, str] | None = None  # set by the trainer
-        check_run_upstream(ctx.run_dir, self.hashes, exports)
+        claim_upstream(ctx.run_dir, self.hashes)
 
     @property
     def uses_cache(self) -> bool:

@@ -33,6 +33,7 @@ from stages.common.export import load_tensors, read_export
 from stages.common.finetune import InitConfig, check_same_model
 from stages.common.optim import OptimConfig
 from stages.common.probe import ColourShapeJudge, ProbeConfig, Reference, find_references
+from stages.common.run import claim_upstream
 from stages.common.stage import RunContext
 from stages.common.trainer import TrainConfig, unwrap
 
@@ -153,6 +154,7 @@ class VAEStage:
                 f"{disc_min} px (data.resolution is {config.data.resolution}): use fewer layers"
             )
         self.best_metric = (config.val.metric, METRIC_DIRECTION[config.val.metric])
+        claim_upstream(ctx.run_dir, {})  # the first stage: no upstream export
         lpips_net = None
         if config.loss.lpips_weight > 0:  # built (and checked) up front
             lpips_net = build_lpips(config.loss, without_lpips(config))

@@ -1,0 +1,184 @@
+"""The run folder ``<runs>/<preset>/<stage>/``: who may use it, what it was trained on, who it is.
+
+- ``RunLock``: one process (one launch) per run folder. An exclusive ``flock`` on the
+  sibling file ``.<stage>.lock`` (outside the folder, so it survives the folder being moved
+  aside); a second process is refused at once, naming the holder's PID.
+- ``claim_upstream``: ``upstream.json`` records the upstream export hashes the run trains
+  on. A run folder recorded against other exports is stale: it is renamed to
+  ``<stage>.stale-<time>/`` (kept, never deleted) and the stage starts a fresh run, so
+  ``make vae && make clip && make unet`` after a VAE change retrains what is stale.
+- ``run_identity``: ``run.json`` holds an id drawn at the first start; the checkpoint mirror
+  is keyed by it (``<mirror>/<preset>/<stage>/<id>/``), so a run never resumes, nor
+  rotates away, another run's checkpoints. A fresh local folder (a new Colab runtime)
+  adopts the mirrored run of the same runs folder path and upstream exports.
+
+Nothing here imports torch: the lock is taken before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .shards import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_FILE = "upstream.json"
+IDENTITY_FILE = "run.json"
+_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a plain folder name inside the mirror
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run folder, held until ``release`` (or exit).
+
+    The kernel drops a ``flock`` when its holder dies, so a killed run never leaves a stale
+    lock behind; the PID written into the file only names the holder in the message.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir).with_name(f".{Path(run_dir).name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunFolderBusy(
+                f"{self.path.with_name(self.path.name[1:-5])} is in use by another process "
+                f"(PID {holder}): wait for it to finish or stop it; two processes on one run "
+                "folder would delete each other's checkpoints"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def recorded_upstream(run_dir: Path) -> dict[str, str] | None:
+    """The upstream hashes a run folder trained on; None when it does not say.
+
+    Folders from before ``upstream.json`` existed are judged by their export's manifest.
+    """
+    recorded = _read_json(Path(run_dir) / UPSTREAM_FILE)
+    if isinstance(recorded, dict):
+        return recorded
+    manifest = _read_json(Path(run_dir) / "export" / "manifest.json")
+    if isinstance(manifest, dict) and isinstance(manifest.get("upstream"), dict):
+        return manifest["upstream"]
+    return None
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def claim_upstream(run_dir: Path, hashes: dict[str, str], timeout_s: float = 600.0) -> Path | None:
+    """Record ``hashes`` as this run folder's upstream; move a stale folder aside first.
+
+    Returns where the stale folder went (None when nothing was stale). Only the main
+    process moves and writes; the other ranks wait until the record matches.
+    """
+    run_dir = Path(run_dir)
+    if not _is_main_process():
+        deadline = time.monotonic() + timeout_s
+        while _read_json(run_dir / UPSTREAM_FILE) != hashes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the main process did not claim {run_dir} in {timeout_s} s")
+            time.sleep(0.5)
+        return None
+    recorded = recorded_upstream(run_dir)
+    moved = None
+    if recorded is not None and recorded != hashes:
+        moved = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        while moved.exists():
+            moved = moved.with_name(moved.name + "~")
+        os.replace(run_dir, moved)
+        changed = sorted(k for k in set(recorded) | set(hashes) if recorded.get(k) != hashes.get(k))
+        log.warning(
+            "%s was trained on other %s export(s) (%s): it is kept as %s and a new run starts",
+            run_dir,
+            "/".join(changed),
+            ", ".join(f"{k} {recorded.get(k)} -> {hashes.get(k)}" for k in changed),
+            moved,
+        )
+    if recorded != hashes or not (run_dir / UPSTREAM_FILE).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / UPSTREAM_FILE, hashes)
+    return moved
+
+
+def run_identity(run_dir: Path, runs_root: Path, mirror_base: Path | None) -> dict[str, Any]:
+    """This run's identity (``run.json``), drawn at the first start (main process only).
+
+    With a mirror, a folder without one adopts the newest mirrored run that was started from
+    the same runs folder path on the same upstream exports: a fresh Colab runtime then
+    continues its run from Drive, while any other run gets its own mirror folder.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / IDENTITY_FILE
+    identity = _read_json(path)
+    if isinstance(identity, dict) and _ID.match(str(identity.get("id", ""))):
+        return identity
+    runs = str(Path(runs_root).resolve())
+    upstream = _read_json(run_dir / UPSTREAM_FILE) or {}
+    adopted = []
+    if mirror_base is not None and mirror_base.is_dir():
+        for folder in mirror_base.iterdir():
+            theirs = _read_json(folder / IDENTITY_FILE)
+            if (
+                isinstance(theirs, dict)
+                and theirs.get("id") == folder.name
+                and _ID.match(folder.name)
+                and theirs.get("runs") == runs
+                and (_read_json(folder / UPSTREAM_FILE) or {}) == upstream
+            ):
+                adopted.append(theirs)
+    if adopted:
+        identity = max(adopted, key=lambda x: str(x.get("created", "")))
+        log.info("continuing the mirrored run %s", mirror_base / identity["id"])
+    else:
+        identity = {
+            "id": f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}",
+            "runs": runs,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, identity)
+    return identity
