@@ -104,6 +104,33 @@ def test_unusable_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, 
     assert "skipping unusable checkpoint" in caplog.text and "step_0000004" in caplog.text
 
 
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_never_counted_by_rotation(tmp_path, caplog):
+    """Issue 15, item 2: with keep_last=1, a corrupt newest checkpoint used to stay "the
+    newest" for rotation, which deleted every fresh save right after its commit."""
+    save(CheckpointManager(tmp_path / "ck", keep_last=3), 2)
+    newest = save(CheckpointManager(tmp_path / "ck", keep_last=3), 4, best_step=4)
+    weights = newest / "model.net.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    manager = CheckpointManager(tmp_path / "ck", keep_last=1)
+    with caplog.at_level(logging.WARNING):
+        assert manager.latest().step == 2  # the run resumes from step 2 ...
+    save(manager, 3)  # ... and saves step 3, which must survive its own rotation
+    assert manager.latest().step == 3
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["step_0000003", "step_0000004.corrupt"]
+    assert "set the unusable checkpoint aside" in caplog.text
+
+
+def test_no_checkpoint_is_set_aside_when_none_is_usable(tmp_path):
+    manager = CheckpointManager(tmp_path / "ck")
+    path = save(manager, 2)
+    (path / "optimizer.safetensors").write_bytes(b"garbage")
+    for _ in range(2):  # a re-run still refuses: it never starts over on its own
+        with pytest.raises(CheckpointError, match="no usable checkpoint"):
+            manager.latest()
+    assert path.exists()
+
+
 def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     manager = CheckpointManager(tmp_path / "ck")
     assert manager.latest() is None  # nothing yet: a fresh run

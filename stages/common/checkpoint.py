@@ -13,7 +13,8 @@ stage's validation metric and the final one are kept. An optional mirror folder 
 Drive) receives a verified copy of each commit (copy to a temporary folder, re-read and
 check every sha256, rename) with the same rotation. ``latest()`` returns the newest valid
 checkpoint of the local folder and the mirror; an unusable newer one (manifest missing,
-sha256 mismatch, unreadable safetensors) is skipped with a warning.
+sha256 mismatch, unreadable safetensors) is skipped with a warning and renamed
+``step_XXXXXXX.corrupt``, so that rotation never counts it among the newest.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def _rotate(root: Path, keep_last: int) -> None:
             path.name.endswith(".replaced") and (root / path.name[1:-9]).exists()
         ):
             shutil.rmtree(path, ignore_errors=True)  # leftovers of an interrupted save
-        elif path.is_dir() and path.name.startswith("step_"):
+        elif path.is_dir() and re.fullmatch(r"step_\d{7,}", path.name):  # not *.corrupt
             try:
                 manifests[path.name] = read_manifest(path)
             except CheckpointError:
@@ -227,6 +228,25 @@ def _rotate(root: Path, keep_last: int) -> None:
     keep = keep_set(manifests, keep_last)
     for name in sorted(set(manifests) - keep):
         shutil.rmtree(root / name, ignore_errors=True)
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename a checkpoint that failed verification to ``<name>.corrupt[-N]``: rotation and
+    resume never count it again (as one of the newest, or for its "best"), and it is kept
+    for a look. Returns the new path (None when it could not be renamed)."""
+    target = path.with_name(f"{path.name}.corrupt")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{n}")
+        n += 1
+    try:
+        os.replace(path, target)
+        fsync_path(path.parent)
+    except OSError as err:
+        log.warning("could not set %s aside: %s", path, err)
+        return None
+    log.warning("set the unusable checkpoint aside as %s", target)
+    return target
 
 
 def _candidates(root: Path) -> list[Path]:
@@ -322,8 +342,9 @@ class CheckpointManager:
     def latest(self) -> Checkpoint | None:
         """The newest valid checkpoint of the local folder and the mirror (local wins a tie).
 
-        Invalid newer ones are skipped with a warning; if checkpoints exist but none is valid,
-        raises ``CheckpointError`` rather than silently starting over.
+        Invalid newer ones are skipped with a warning and set aside (``set_aside``); if
+        checkpoints exist but none is valid, raises ``CheckpointError`` rather than silently
+        starting over.
         """
         found: list[tuple[tuple[int, int], int, Path]] = []
         for preference, root in enumerate(self.roots()):
@@ -333,16 +354,19 @@ class CheckpointManager:
                 except CheckpointError:
                     order = (int(_NAME.match(path.name).group(1)), -1)  # type: ignore[union-attr]
                 found.append((order, -preference, path))
-        problems = []
+        problems, unusable = [], []
         for _, _, path in sorted(found, reverse=True):
             try:
                 checkpoint = verify(path)
             except CheckpointError as err:
                 problems.append(str(err))
+                unusable.append(path)
                 log.warning("skipping unusable checkpoint: %s", err)
                 continue
             if problems:
                 log.warning("resuming from the previous valid checkpoint %s", path)
+            for bad in unusable:  # only beside a valid one: else a re-run would start over
+                set_aside(bad)
             return checkpoint
         if problems:
             raise CheckpointError(
