@@ -308,6 +308,18 @@ def test_consecutive_non_finite_steps_stop_training(tmp_path, caplog):
     assert len(stage.seen) == 4 and not checkpoints(tmp_path)
 
 
+def test_weights_that_became_non_finite_are_never_saved_nor_exported(tmp_path, caplog):
+    """Issue 15, item 7: an update that is not finite while the loss and the gradient were
+    (here Adam with eps = 0 on the embedding rows the batch did not use: 0 / 0) used to be
+    saved and exported, and every resume then exited 4."""
+    with caplog.at_level(logging.ERROR):
+        code, stage = run(tmp_path, "optim.eps=0", "train.max_steps=1")
+    assert code == EXIT_NONFINITE and len(stage.seen) == 1
+    assert not checkpoints(tmp_path) and not (tmp_path / "tiny/toy/export").exists()
+    assert "not finite (net.embed.weight, ema.net.embed.weight)" in caplog.text
+    assert "not saved" in caplog.text
+
+
 def test_config_change_is_refused_by_name_and_harmless_changes_resume(tmp_path, caplog):
     with pytest.raises(ToyCrash):
         run(tmp_path, "toy.crash_at_batch=5")

@@ -33,8 +33,9 @@ Exit codes (also printed by ``python -m stages.<name> --help``):
     2    bad config, preset or override (named)
     3    cannot resume: the config changed in keys that break resume (named), the number of
          processes changed, or every existing checkpoint is unusable
-    4    stopped after ``train.max_consecutive_skips`` non-finite steps in a row: nothing was
-         saved after the last checkpoint; lower optim.lr or fix the data and re-run
+    4    stopped after ``train.max_consecutive_skips`` non-finite steps in a row, or the
+         weights became non-finite (they are never saved nor exported): nothing was saved
+         after the last checkpoint; lower optim.lr or fix the data and re-run
     75   preempted (EX_TEMPFAIL): SIGTERM/SIGINT/SIGHUP received, a checkpoint was saved at
          the step boundary; re-run the same command to resume
     130  a second Ctrl-C: stopped at once, without saving
@@ -148,6 +149,10 @@ class StepResult:
 
 class ResumeError(RuntimeError):
     """The checkpoint cannot continue this run (changed config keys, world size)."""
+
+
+class NonFiniteWeights(RuntimeError):
+    """Weights (or their EMA) hold NaN/inf: they are never saved nor exported."""
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -395,7 +400,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ saving
 
+    def _check_finite(self, what: str) -> None:
+        """Refuse to ``what`` (save, export) weights that hold NaN/inf, on every rank.
+
+        A step's loss and gradient norm are checked, yet an update can still overflow
+        (a huge LR, a zero eps); such weights saved would make every resume fail.
+        """
+        modules = dict(self.raw)
+        if self.ema is not None:
+            modules.update({f"ema.{n}": m for n, m in self.ema.modules.items()})
+        bad = [
+            f"{prefix}.{name}"
+            for prefix, module in modules.items()
+            for name, t in (*module.named_parameters(), *module.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if self._agree([float(bool(bad))])[0] > 0:
+            where = ", ".join(bad[:3]) or "on another rank"
+            raise NonFiniteWeights(
+                f"the weights at step {self.step} are not finite ({where}): not {what}d; the "
+                "last checkpoint is kept. Lower optim.lr (or raise optim.eps) and re-run, "
+                "which resumes from it"
+            )
+
     def save(self, final: bool = False) -> None:
+        self._check_finite("save")
         shared: dict[str, Any] = {}
         if self.is_main:
             scaler = self.accelerator.scaler
@@ -465,6 +494,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def export(self) -> None:
+        self._check_finite("export")
         if self.is_main:
             with torch.no_grad(), _eval(self.raw):
                 self.stage.export(self._eval_modules(), self.run_dir / "export")
@@ -662,6 +692,9 @@ def train(stage: Stage, ctx: RunContext) -> int:
         except ResumeError as err:
             log.error("cannot resume: %s", err)
             return EXIT_CANNOT_RESUME
+        except NonFiniteWeights as err:
+            log.error("stopping: %s", err)
+            return EXIT_NONFINITE
         except KeyboardInterrupt as err:
             log.error("interrupted: %s", err or "stopped without saving")
             return EXIT_ABORTED
