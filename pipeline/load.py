@@ -12,6 +12,7 @@ export and an unconditional one no CLIP export: the UNet's manifest says which i
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from stages.clip.export import LoadedCLIP, load_clip
 from stages.common.export import ExportError, check_upstream, read_export
+from stages.common.shards import UnsafeFile, open_regular
 from stages.unet.export import InputsConfig, LoadedUNet, load_unet
 from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
 
@@ -70,9 +72,12 @@ def _describe_magic(head: bytes) -> str:
 
 def check_safetensors_header(path: Path) -> None:
     """Refuse a file that does not start with a safetensors header (u64 length + JSON)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open_regular(path) as f:  # never through a symlink, nor blocking on a FIFO
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(9)
+    except UnsafeFile as err:
+        raise ExportError(f"{err} (exports hold regular files only)") from err
     if len(head) == 9:
         (length,) = struct.unpack("<Q", head[:8])
         if 2 <= length <= min(_MAX_HEADER, size - 8) and head[8:9] == b"{":

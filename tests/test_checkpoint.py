@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,6 +130,43 @@ def test_no_checkpoint_is_set_aside_when_none_is_usable(tmp_path):
         with pytest.raises(CheckpointError, match="no usable checkpoint"):
             manager.latest()
     assert path.exists()
+
+
+@pytest.mark.parametrize("name", ["../step_0000002/trainer.json", "/etc/hostname", "link"])
+def test_checkpoint_manifest_names_must_be_plain_regular_files(tmp_path, caplog, name):
+    """Issue 15, item 12: a listed name outside the folder, or a symlink, is unusable."""
+    manager = CheckpointManager(tmp_path / "ck", keep_last=3)
+    save(manager, 2)
+    newest = save(manager, 4)
+    if name == "link":  # the same bytes through a symlink: the hash alone would pass
+        shutil.move(newest / "trainer.json", tmp_path / "trainer.json")
+        (newest / "trainer.json").symlink_to(tmp_path / "trainer.json")
+        digest = ckpt_mod.sha256_file(tmp_path / "trainer.json")
+        name = "trainer.json"
+    else:
+        digest = ckpt_mod.sha256_file(newest / name if name[0] == "." else Path(name))
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["files"][name] = digest
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        assert manager.latest().step == 2
+    assert "step_0000004" in caplog.text
+
+
+def test_checkpoint_reads_only_listed_files_and_the_bytes_it_hashed(tmp_path):
+    path = save(CheckpointManager(tmp_path / "ck"), 2)
+    found = verify(path)
+    # A tensors file the manifest does not list is never read into the state.
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]["model.net.safetensors"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="model.net"):
+        verify(path).read("model.net")
+    # A file swapped after verification is refused when read, not loaded.
+    other = save(CheckpointManager(tmp_path / "other"), 3)
+    shutil.copyfile(other / "optimizer.safetensors", path / "optimizer.safetensors")
+    with pytest.raises(CheckpointError, match="sha256"):
+        found.read("optimizer")
 
 
 def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):

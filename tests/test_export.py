@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from stages.common.export import ExportError, check_upstream, read_export, write_export
+from stages.common.export import (
+    ExportError,
+    check_upstream,
+    export_hash,
+    load_tensors,
+    read_config,
+    read_export,
+    write_export,
+)
+from stages.common.shards import sha256_file
 
 
 @dataclass(frozen=True)
@@ -49,3 +64,88 @@ def test_upstream_mismatch_names_both_hashes(tmp_path):
     check_upstream(manifest, "vae", "aaa", tmp_path)
     with pytest.raises(ExportError, match="aaa.*bbb"):
         check_upstream(manifest, "vae", "bbb", tmp_path)
+
+
+# Issue 15, item 12: a manifest is data a stranger may hand us. Names it lists must be plain
+# names of regular files inside the folder, every file a loader opens must be listed, and
+# the bytes hashed must be the bytes loaded.
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Turn a hang (hashing /dev/zero for ever) into a failure."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still reading after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _list(folder, name: str, digest: str) -> None:
+    """Forge the manifest as an attacker would: list ``name`` and fix up the export hash."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"][name] = digest
+    manifest["hash"] = export_hash(manifest["files"], manifest["info"], manifest["upstream"])
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["../outside.json", "/etc/hostname", "sub/x", ".hidden"])
+def test_manifest_names_outside_the_folder_are_refused(tmp_path, name):
+    folder = tmp_path / "e"
+    _write(folder, {})
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "x").write_text("{}")
+    (folder / ".hidden").write_text("{}")
+    target = {"/etc/hostname": Path("/etc/hostname")}.get(name, folder / name)
+    _list(folder, name, sha256_file(target) if target.exists() else "0" * 64)
+    with pytest.raises(ExportError, match="not a plain file name"):
+        read_export(folder, "vae")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "device", "fifo"])
+def test_listed_files_must_be_regular_files_not_links_or_devices(tmp_path, kind):
+    folder = tmp_path / "e"
+    _write(folder, {})
+    weights = folder / "model.safetensors"
+    if kind == "symlink":  # the same bytes, elsewhere: the hash alone would pass
+        shutil.move(weights, tmp_path / "elsewhere.safetensors")
+        weights.symlink_to(tmp_path / "elsewhere.safetensors")
+        match = "symbolic link"
+    elif kind == "device":
+        (folder / "zero").symlink_to("/dev/zero")
+        _list(folder, "zero", "0" * 64)
+        match = "symbolic link"
+    else:
+        os.mkfifo(folder / "pipe")
+        _list(folder, "pipe", "0" * 64)
+        match = "not a regular file"
+    with deadline(10), pytest.raises(ExportError, match=match):
+        read_export(folder, "vae")
+    with deadline(10), pytest.raises(ExportError, match=match):
+        read_export(folder, "vae", verify=False)
+
+
+def test_loaders_open_only_listed_files_and_load_the_bytes_they_hashed(tmp_path):
+    folder = tmp_path / "e"
+    _write(folder, {})
+    manifest = read_export(folder, "vae")
+    # The file is swapped after the manifest was verified: the load hashes what it parses.
+    other = tmp_path / "o"
+    write_export(other, "vae", {"w": torch.ones(2, 3)}, _Config())
+    shutil.copyfile(other / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(ExportError, match="does not match its sha256"):
+        load_tensors(folder, manifest=manifest)
+    # A file the manifest does not list is never opened, whatever its name.
+    save_file({"w": torch.zeros(1)}, str(folder / "extra.safetensors"))
+    with pytest.raises(ExportError, match="not listed"):
+        load_tensors(folder, "extra.safetensors", manifest)
+    assert read_config(folder, manifest) == {"width": 4}

@@ -25,6 +25,7 @@ from stages.common.export import (
     check_upstream,
     load_tensors,
     read_export,
+    read_file,
     write_export,
 )
 
@@ -235,11 +236,15 @@ def load_clip(
         model_config = from_dict(CLIPModelConfig, info["model"])
     except (KeyError, ValueError) as err:
         raise ExportError(f"{folder}/manifest.json: bad CLIP model info: {err}") from err
-    tokenizer = CLIPTokenizer.from_file(folder / TOKENIZER_FILE, info["context_length"])
+    tokenizer = CLIPTokenizer.from_json(
+        read_file(folder, TOKENIZER_FILE, manifest).decode(),
+        info["context_length"],
+        where=folder / TOKENIZER_FILE,
+    )
     modules = build_clip_modules(
         model_config, info["vocab_size"], info["image_channels"], info["image_size"]
     )
-    weights = load_tensors(folder)
+    weights = load_tensors(folder, manifest=manifest)
     for name, module in modules.items():
         prefix = f"{name}."
         part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -250,7 +255,7 @@ def load_clip(
                 f"{folder}/model.safetensors does not fit the {name} tower: {err}"
             ) from err
         module.to(device).eval().requires_grad_(False)
-    null_tensors = load_tensors(folder, NULL_FILE)
+    null_tensors = load_tensors(folder, NULL_FILE, manifest)
     null = TextCondition(
         null_tensors["tokens"], null_tensors["mask"].bool(), null_tensors["pooled"]
     ).to(device)

@@ -70,13 +70,20 @@ class CLIPTokenizer:
         path = Path(path)
         if not path.exists():
             raise TokenizerError(f"{path}: no tokenizer file")
+        return cls.from_json(path.read_text(), context_length, where=path)
+
+    @classmethod
+    def from_json(
+        cls, text: str, context_length: int | None = None, where: Path | str = "tokenizer"
+    ) -> CLIPTokenizer:
+        """A tokenizer from the JSON text of a saved one (``where`` names it in errors)."""
         try:
-            tokenizer = Tokenizer.from_file(str(path))
+            tokenizer = Tokenizer.from_str(text)
         except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
-            raise TokenizerError(f"{path} is not a readable tokenizer.json: {err}") from err
+            raise TokenizerError(f"{where} is not a readable tokenizer.json: {err}") from err
         if context_length is None:
             if tokenizer.truncation is None:
-                raise TokenizerError(f"{path} records no context length; pass one")
+                raise TokenizerError(f"{where} records no context length; pass one")
             context_length = int(tokenizer.truncation["max_length"])
         return cls(tokenizer, context_length)
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
-from .shards import fsync_path, sha256_file
+from .shards import UnsafeFile, check_member, fsync_path, read_member, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,20 @@ def write_tree(folder: Path, stem: str, tree: Any) -> None:
         os.fsync(f.fileno())
 
 
-def read_tree(folder: Path, stem: str) -> Any:
-    skeleton = json.loads((folder / f"{stem}.json").read_text())
-    weights = folder / f"{stem}.safetensors"
-    tensors = load_file(str(weights)) if weights.exists() else {}
-    return join_tree(skeleton, tensors)
+def read_tree(folder: Path, stem: str, files: Mapping[str, str] | None = None) -> Any:
+    """Read a tree from the files ``files`` (default: the folder's manifest) lists: each one
+    is hashed and parsed from the same bytes; an unlisted file is never opened."""
+    files = read_manifest(folder)["files"] if files is None else files
+    weights = f"{stem}.safetensors"
+    try:
+        skeleton = json.loads(read_member(folder, dict(files), f"{stem}.json"))
+        if weights in files or (folder / weights).exists():  # an unlisted one is refused
+            tensors = load(read_member(folder, dict(files), weights))
+        else:
+            tensors = {}
+        return join_tree(skeleton, tensors)
+    except (UnsafeFile, SafetensorError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{folder}: cannot read '{stem}': {err}") from err
 
 
 # --- one committed folder -----------------------------------------------------------------
@@ -145,7 +154,7 @@ class Checkpoint:
     def read(self, stem: str) -> Any:
         if not self.has(stem):
             raise CheckpointError(f"{self.path} holds no '{stem}'")
-        return read_tree(self.path, stem)
+        return read_tree(self.path, stem, self.manifest["files"])
 
 
 def _order(manifest: Mapping[str, Any]) -> tuple[int, int]:
@@ -163,18 +172,23 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({err})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} manifest")
+    if not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path}: lists no files")
     return manifest
 
 
 def verify(folder: Path) -> Checkpoint:
-    """Check the manifest, every file's sha256 and every safetensors header."""
+    """Check the manifest, every file's sha256 and every safetensors header. Listed names
+    must be plain names of regular files in the folder (no path, symlink or device)."""
     manifest = read_manifest(folder)
     for name, digest in manifest["files"].items():
         file = folder / name
-        if not file.is_file():
-            raise CheckpointError(f"{folder}: {name} is missing")
-        if sha256_file(file) != digest:
-            raise CheckpointError(f"{folder}: {name} does not match its sha256 (truncated?)")
+        try:
+            check_member(folder, name, digest)
+        except FileNotFoundError:
+            raise CheckpointError(f"{folder}: {name} is missing") from None
+        except UnsafeFile as err:
+            raise CheckpointError(f"{err} (truncated or tampered with?)") from err
         if name.endswith(".safetensors"):
             try:
                 with safe_open(str(file), framework="pt") as f:

@@ -5,7 +5,9 @@
 ``null_condition.safetensors``) and ``manifest.json``, written last: the stage name, the
 sha256 of every file, what the next stage needs, and the hashes of the upstream exports
 it was trained against. The folder is built under a temporary name and renamed into
-place, so a half-written export never exists. Nothing here unpickles.
+place, so a half-written export never exists. Nothing here unpickles. Readers open only
+the files the manifest lists, by plain names of regular files in the folder (no path,
+symlink or device), and parse the very bytes they hashed.
 """
 
 from __future__ import annotations
@@ -20,10 +22,18 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from .config import to_dict
-from .shards import fsync_path, sha256_file, write_json_atomic
+from .shards import (
+    UnsafeFile,
+    check_member,
+    fsync_path,
+    open_member,
+    read_member,
+    sha256_file,
+    write_json_atomic,
+)
 
 EXPORT_FORMAT = "minisd-export/1"
 WEIGHTS = "model.safetensors"
@@ -115,30 +125,59 @@ def read_export(folder: Path, stage: str, verify: bool = True) -> dict[str, Any]
             f"{folder} is not a {stage} export (format {manifest.get('format')!r}, "
             f"stage {manifest.get('stage')!r})"
         )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ExportError(f"{path} lists no files")
+    for name, digest in files.items():
+        try:
+            if verify:
+                check_member(folder, name, digest)
+            else:
+                open_member(folder, name).close()
+        except FileNotFoundError:
+            raise ExportError(f"{folder}: {name} is missing") from None
+        except UnsafeFile as err:
+            raise ExportError(f"{err} (corrupt or tampered-with export)") from err
     if verify:
-        expected = export_hash(manifest["files"], manifest["info"], manifest["upstream"])
+        expected = export_hash(files, manifest["info"], manifest["upstream"])
         if manifest.get("hash") != expected:
             raise ExportError(f"{path}: its hash does not match its contents (edited manifest)")
-        for name, digest in manifest["files"].items():
-            file = folder / name
-            if not file.exists():
-                raise ExportError(f"{folder}: {name} is missing")
-            if sha256_file(file) != digest:
-                raise ExportError(f"{folder}: {name} does not match its sha256 (corrupt export)")
     return manifest
 
 
-def load_tensors(folder: Path, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
-    """Load a safetensors file of an export; anything else is refused, never unpickled."""
-    path = Path(folder) / name
+def read_file(folder: Path, name: str, manifest: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes of a file the export's manifest lists, checked against its sha256 as read
+    (the bytes hashed are the bytes used). ``manifest`` defaults to the folder's own."""
+    folder = Path(folder)
+    if manifest is None:
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ExportError(f"{folder}: no readable manifest.json ({err})") from err
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ExportError(f"{path} is not a readable safetensors file: {err}") from err
+        return read_member(folder, manifest.get("files"), name)
+    except FileNotFoundError:
+        raise ExportError(f"{folder}: {name} is missing") from None
+    except UnsafeFile as err:
+        raise ExportError(f"{err} (corrupt or tampered-with export)") from err
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "config.json").read_text())
+def load_tensors(
+    folder: Path, name: str = WEIGHTS, manifest: Mapping[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load a listed, verified safetensors file of an export; anything else is refused,
+    never unpickled."""
+    data = read_file(folder, name, manifest)
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as err:
+        raise ExportError(
+            f"{Path(folder) / name} is not a readable safetensors file: {err}"
+        ) from err
+
+
+def read_config(folder: Path, manifest: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return json.loads(read_file(folder, "config.json", manifest))
 
 
 def check_upstream(manifest: Mapping[str, Any], name: str, actual_hash: str, folder: Path) -> None:

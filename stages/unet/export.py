@@ -97,7 +97,7 @@ def load_unet(
             check_upstream(manifest, name, actual, Path(f"the {name} export given to load_unet"))
     model = UNet(replace(config, gradient_checkpointing=False))
     objective = Objective(objective_cfg)
-    tensors = load_tensors(folder)
+    tensors = load_tensors(folder, manifest=manifest)
     try:
         model.load_state_dict(
             {k: v for k, v in tensors.items() if not k.startswith("schedule.")}, strict=True

@@ -131,7 +131,7 @@ def load_vae(folder: Path, device: str | torch.device = "cpu") -> LoadedVAE:
         raise ExportError(f"{folder}/manifest.json: malformed VAE info: {err}") from err
     model = AutoencoderKL(model_config)
     try:
-        model.load_state_dict(load_tensors(folder), strict=True)
+        model.load_state_dict(load_tensors(folder, manifest=manifest), strict=True)
     except RuntimeError as err:
         raise ExportError(f"{folder}: weights do not match the recorded model: {err}") from err
     if factor != model.factor or channels != model_config.latent_channels:
