@@ -112,6 +112,30 @@ def test_resize_and_center_crop_when_stored_resolution_differs(tmp_path, tiny_sh
     assert (image[1] > 0.99).all() and (image[0] < -0.99).all() and (image[2] < -0.99).all()
 
 
+def open_descriptors() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+def test_open_shards_are_bounded_and_an_unopenable_shard_is_an_error(
+    tmp_path, tiny_shards, monkeypatch
+):
+    """Issue 15, item 10: one descriptor per shard, for ever, ran out of descriptors on a
+    big data set; every later sample then failed to open and was skipped as corrupt."""
+    monkeypatch.setattr(data_module, "MAX_OPEN_SHARDS", 2, raising=False)
+    dataset = ShardDataset(load_index(tiny_shards / "train"), resolution=16)  # 5 shards
+    before = open_descriptors()
+    keys = [dataset[i]["key"] for i in range(len(dataset))]  # crosses every shard
+    assert len(set(keys)) == 96 and open_descriptors() - before <= 2
+    del dataset
+
+    copy = tmp_path / "train"
+    shutil.copytree(tiny_shards / "train", copy)
+    dataset = ShardDataset(load_index(copy), resolution=16)
+    (copy / "shard-000001.tar").unlink()  # e.g. a volume gone, or the limit reached
+    with pytest.raises(RuntimeError, match="cannot open shard .*shard-000001.tar"):
+        dataset[20]
+
+
 def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     good = png_bytes(Image.new("RGB", (8, 8), (10, 200, 30)))
     samples = [

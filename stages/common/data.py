@@ -13,7 +13,10 @@ Notable choices:
   only when a batch is handed to the caller, so DataLoader prefetching never leaks into a
   checkpoint; the ordered ``batch_sampler`` keeps batches in order with workers.
 - A corrupt sample (undecodable image, missing or empty caption) becomes a marker that the
-  collate function drops and counts in ``batch["skipped"]``: it never stops the loader.
+  collate function drops and counts in ``batch["skipped"]``: it never stops the loader. A
+  shard that cannot be opened is no such sample: it stops the run (``ShardUnavailable``),
+  and at most ``MAX_OPEN_SHARDS`` shards are open per process (least recently used closed),
+  so a data set of more shards than the open-file limit still reads every sample.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import tarfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,9 @@ from .shards import IMAGE_EXTENSIONS, ManifestError, ShardManifest, read_manifes
 log = logging.getLogger(__name__)
 
 BUILD_HINT = "build shards with `python -m preprocess` (or `make data`) first"
+# Open shard files kept per process (and per DataLoader worker); far below the usual
+# 1024-descriptor limit, and one shard serves many consecutive reads of a batch.
+MAX_OPEN_SHARDS = 64
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,10 @@ class CorruptSample(ValueError):
     """A sample that cannot be used; the reason becomes part of the skip marker."""
 
 
+class ShardUnavailable(RuntimeError):
+    """A shard file cannot be opened: an error of the data set, not a sample to skip."""
+
+
 class ShardDataset(Dataset):
     """Map-style view of a split: ``ds[i]`` reads and decodes sample ``i`` only.
 
@@ -216,30 +227,45 @@ class ShardDataset(Dataset):
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
         self.index = index
         self.resolution = resolution
-        self._files: dict[int, int] = {}  # shard id -> fd, per process (see __getstate__)
+        # shard id -> fd, least recently used first; per process (see __getstate__)
+        self._files: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_files": {}}
+        return {**self.__dict__, "_files": OrderedDict()}
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
             for fd in self._files.values():
                 os.close(fd)
 
+    def _fd(self, shard: int) -> int:
+        """The shard's descriptor, opened on demand; beyond ``MAX_OPEN_SHARDS`` the least
+        recently used one is closed."""
+        if self._pid != os.getpid():  # forked worker: its own descriptors
+            self._files, self._pid = OrderedDict(), os.getpid()
+        fd = self._files.get(shard)
+        if fd is not None:
+            self._files.move_to_end(shard)
+            return fd
+        while len(self._files) >= max(1, MAX_OPEN_SHARDS):
+            os.close(self._files.popitem(last=False)[1])
+        path = self.index.shard_paths[shard]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as err:
+            raise ShardUnavailable(f"cannot open shard {path}: {err}") from err
+        self._files[shard] = fd
+        return fd
+
     def _read(self, shard: int, span: np.ndarray) -> bytes | None:
         offset, size = int(span[0]), int(span[1])
         if size < 0:
             return None
-        if self._pid != os.getpid():  # forked worker: its own descriptors
-            self._files, self._pid = {}, os.getpid()
-        fd = self._files.get(shard)
-        if fd is None:
-            fd = self._files[shard] = os.open(self.index.shard_paths[shard], os.O_RDONLY)
-        data = os.pread(fd, size, offset)  # no shared file position: safe in any process
+        data = os.pread(self._fd(shard), size, offset)  # no file position: safe anywhere
         if len(data) != size:
             raise CorruptSample(f"truncated shard (read {len(data)} of {size} bytes)")
         return data
