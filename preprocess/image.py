@@ -23,7 +23,9 @@ from typing import Literal
 import resvg_py
 from PIL import Image, ImageOps
 
-from .sample import CORRUPT_IMAGE
+from stages.common.images import SOURCE_FORMATS, ImageTooLarge, open_image, pixel_cap
+
+from .sample import CORRUPT_IMAGE, OVERSIZED_IMAGE
 
 ImageFormat = Literal["png", "jpg", "webp"]
 WHITE = (255, 255, 255)
@@ -67,10 +69,11 @@ def render_svg(svg: bytes, size: int) -> Image.Image:
         raise ImageDecodeError(f"SVG render failed: {err}") from err
 
 
-def decode_raster(data: bytes) -> Image.Image:
-    """Decode fully (``load``), so truncated files fail here rather than later."""
+def decode_raster(data: bytes, max_side: int = 0) -> Image.Image:
+    """Decode fully (``load``), so truncated files fail here rather than later. Only
+    ``SOURCE_FORMATS``, at most ``pixel_cap(max_side)`` pixels (else ``ImageRejected``)."""
+    image = open_image(data, SOURCE_FORMATS, pixel_cap(max_side))
     try:
-        image = Image.open(io.BytesIO(data))
         image.load()
         return ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -105,7 +108,7 @@ def encode_image(image: Image.Image, image_format: ImageFormat) -> bytes:
 
 def decode_image(data: bytes, kind: str, render_size: int) -> Image.Image:
     """Any supported input -> RGB on white (SVG rendered at ``render_size``)."""
-    image = render_svg(data, render_size) if kind == "svg" else decode_raster(data)
+    image = render_svg(data, render_size) if kind == "svg" else decode_raster(data, render_size)
     try:
         return flatten_on_white(image)
     except (OSError, ValueError) as err:  # exotic modes Pillow cannot convert
@@ -142,9 +145,15 @@ class JobResult:
 
 
 def process_job(job: Job) -> JobResult:
-    """Worker entry point: never raises for bad data, reports the skip reason instead."""
+    """Worker entry point: never raises for bad data, reports the skip reason instead.
+
+    Any exception is the sample's: a decoder's unexpected one would otherwise abort the
+    whole build, and the re-run would die on the same file."""
     try:
         images, size = process_image(job.data, job.kind, job.resolutions, job.image_format)
-    except ImageDecodeError as err:
-        return JobResult(job.index, None, None, CORRUPT_IMAGE, str(err))
+    except ImageTooLarge as err:
+        return JobResult(job.index, None, None, OVERSIZED_IMAGE, str(err))
+    except Exception as err:  # ImageDecodeError, a format outside the allow-list, or any
+        # other exception a decoder raises on bad bytes
+        return JobResult(job.index, None, None, CORRUPT_IMAGE, f"{type(err).__name__}: {err}")
     return JobResult(job.index, images, size)

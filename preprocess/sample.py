@@ -17,12 +17,14 @@ from typing import Any, Literal
 
 # Skip reasons judged by the build; sources may add their own (e.g. "no_name").
 MISSING_IMAGE = "missing_image"  # no image in the record, or the file cannot be read
-CORRUPT_IMAGE = "corrupt_image"  # bytes present but Pillow / resvg cannot decode them
+CORRUPT_IMAGE = "corrupt_image"  # bytes present but not decodable in an accepted format
+OVERSIZED_IMAGE = "oversized_image"  # more pixels than the target needs (see pixel_cap)
 MISSING_CAPTION = "missing_caption"  # no caption sidecar, field or column
 EMPTY_CAPTION = "empty_caption"  # a caption made only of whitespace
 DUPLICATE_KEY = "duplicate_key"  # a key seen earlier in the same source
 DUPLICATE_IMAGE = "duplicate_image"  # the same image bytes seen earlier under another key
 BAD_RECORD = "bad_record"  # a manifest line / row / tar member that cannot be parsed
+OVERSIZED_MEMBER = "oversized_member"  # a tar member over MAX_MEMBER_BYTES: never read
 
 MAX_KEY_LENGTH = 96  # keeps "{key}.json" inside a USTAR tar name field
 

@@ -28,7 +28,14 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .sample import BAD_RECORD, MISSING_IMAGE, RawSample, make_key, normalize_caption
+from .sample import (
+    BAD_RECORD,
+    MISSING_IMAGE,
+    OVERSIZED_MEMBER,
+    RawSample,
+    make_key,
+    normalize_caption,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -188,7 +195,11 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2).lower()) if match else None
 
 
-def _tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+MAX_MEMBER_BYTES = 64 << 20  # a larger tar member is skipped unread (oversized_member)
+
+
+def _tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """(key, {ext: bytes}) per sample; a member over ``MAX_MEMBER_BYTES`` maps to None."""
     key, files = None, {}
     for member in tar:
         parts = _split_name(member.name) if member.isfile() else None
@@ -198,14 +209,17 @@ def _tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield key, files
             files = {}
         key = parts[0]
-        files[parts[1]] = tar.extractfile(member).read()
+        too_big = member.size > MAX_MEMBER_BYTES
+        files[parts[1]] = None if too_big else tar.extractfile(member).read()
     if files:
         yield key, files
 
 
 def _tar_sample(
-    tar_name: str, source_key: str, files: dict[str, bytes], caption_field: str
+    tar_name: str, source_key: str, files: dict[str, bytes | None], caption_field: str
 ) -> RawSample:
+    if any(data is None for data in files.values()):
+        return RawSample(make_key(source_key), None, None, skip=OVERSIZED_MEMBER)
     meta: dict[str, Any] = {}
     if "json" in files:
         try:

@@ -15,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from stages.common import data as data_module
+from stages.common import images as images_module
 from stages.common.data import (
     DataConfig,
     ResumableBatches,
@@ -159,6 +160,30 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
         assert loader.state_dict()["skipped"] == 8
 
 
+def test_only_shard_formats_within_the_caps_are_decoded_and_any_failure_is_a_skip(
+    tmp_path, monkeypatch
+):
+    """Issue 15, item 11: any Pillow format was decoded at any size, member sizes were not
+    looked at, and a JSON sidecar that is not an object crashed the loader."""
+    monkeypatch.setattr(images_module, "MIN_PIXEL_CAP", 0, raising=False)
+    good = png_bytes(Image.new("RGB", (8, 8), (10, 200, 30)))
+    tiff = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tiff, format="TIFF")
+    samples = [
+        {"__key__": "ok", "png": good, "txt": "a green square"},
+        {"__key__": "tiff", "png": tiff.getvalue(), "txt": "a TIFF named .png"},
+        # 129 x 128 px is over the 16 x 8 = 128 px side cap of an 8 px target
+        {"__key__": "big", "png": png_bytes(Image.new("RGB", (129, 128))), "txt": "big"},
+        {"__key__": "list", "png": good, "json": "[]"},
+        {"__key__": "long", "png": good, "txt": "a" * (64 << 10) + "a"},
+    ]
+    folder = write_samples(tmp_path / "hostile", samples, resolution=8)
+    batch = next(iter(ShardLoader(folder, batch_size=5, resolution=8)))
+    assert batch["key"] == ["ok"] and batch["skipped"] == 4
+    reasons = " ".join(batch["skipped_keys"])
+    assert "accepted format" in reasons and "px cap" in reasons and "size cap" in reasons
+
+
 def test_batch_of_only_corrupt_samples_is_not_yielded_and_its_count_carries(tmp_path):
     good = png_bytes(Image.new("RGB", (8, 8)))
     samples = [{"__key__": f"bad{i}", "png": b"junk", "txt": "x"} for i in range(3)]
@@ -229,7 +254,7 @@ def test_resume_does_not_decode_skipped_samples(tiny_shards, monkeypatch):
     reads = []
     read = ShardDataset._read
     monkeypatch.setattr(
-        ShardDataset, "_read", lambda self, s, span: reads.append(1) or read(self, s, span)
+        ShardDataset, "_read", lambda self, *args: reads.append(1) or read(self, *args)
     )
     split = tiny_shards / "train"
     loader = ShardLoader(split, 8, 16, seed=2)

@@ -18,6 +18,8 @@ import webdataset as wds
 from PIL import Image
 
 from preprocess import emoji_captions, npm
+from preprocess import image as image_module
+from preprocess import sources as sources_module
 from preprocess.__main__ import main
 from preprocess.build import BuildConfig, DatasetInfo, build_shards
 from preprocess.emoji import build_emoji
@@ -145,6 +147,45 @@ def test_corrupt_and_truncated_images_are_reported_not_raised():
         assert result.images is None and result.reason == "corrupt_image"
     bad_svg = process_job(Job(1, b"<svg", "svg", (8,), "png"))
     assert bad_svg.reason == "corrupt_image"
+
+
+def test_formats_outside_the_allow_list_big_images_and_decoder_crashes_are_skips(
+    tmp_path, monkeypatch
+):
+    """Issue 15, item 11: Pillow tried every plugin (EPS goes to Ghostscript), decoded any
+    size, and an exception other than OSError/ValueError/SyntaxError aborted the build (and
+    its re-run, on the same file). Each is now one sample's skip reason; an oversized tar
+    member is skipped unread."""
+    eps = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(eps, format="EPS")
+    result = process_job(Job(0, eps.getvalue(), "raster", (8,), "png"))
+    assert result.images is None and result.reason == "corrupt_image"
+    assert "accepted format" in result.error
+
+    monkeypatch.setattr(image_module, "pixel_cap", lambda side: 100, raising=False)
+    result = process_job(Job(1, png(size=(11, 10)), "raster", (8,), "png"))
+    assert result.images is None and result.reason == "oversized_image"
+    monkeypatch.undo()
+
+    def crash(image):
+        raise RuntimeError("a decoder bug")
+
+    monkeypatch.setattr(image_module, "flatten_on_white", crash)
+    result = process_job(Job(2, png(), "raster", (8,), "png"))
+    assert result.images is None and result.reason == "corrupt_image"
+    assert "a decoder bug" in result.error
+    monkeypatch.undo()
+
+    monkeypatch.setattr(sources_module, "MAX_MEMBER_BYTES", 1000, raising=False)
+    write_tar(
+        tmp_path / "00000.tar",
+        [
+            {"__key__": "big", "png": png(), "txt": b"x" * 1001},
+            {"__key__": "small", "png": png(), "txt": b"kept"},
+        ],
+    )
+    got = {s.key: s for s in wds_samples(tmp_path / "00000.tar")}
+    assert got["big"].skip == "oversized_member" and got["small"].caption == "kept"
 
 
 def test_split_by_key_hash_is_stable_and_close_to_the_fraction():

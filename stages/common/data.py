@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .images import SHARD_FORMATS, open_image, pixel_cap
 from .shards import IMAGE_EXTENSIONS, ManifestError, ShardManifest, read_manifest
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ BUILD_HINT = "build shards with `python -m preprocess` (or `make data`) first"
 # Open shard files kept per process (and per DataLoader worker); far below the usual
 # 1024-descriptor limit, and one shard serves many consecutive reads of a batch.
 MAX_OPEN_SHARDS = 64
+# Largest member a sample may have (bytes); a larger one is a skipped sample, never read.
+MAX_MEMBER_BYTES = {"image": 64 << 20, "txt": 64 << 10, "json": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, resolution: int) -> torch.Tensor:
-    """Image bytes -> float32 (3, R, R) in [-1, 1]; shorter side resized, then center-cropped."""
-    image = Image.open(io.BytesIO(data))
+    """Image bytes -> float32 (3, R, R) in [-1, 1]; shorter side resized, then center-cropped.
+
+    PNG, JPEG and WebP only (what shards hold), at most ``pixel_cap(R)`` pixels."""
+    image = open_image(data, SHARD_FORMATS, pixel_cap(resolution))
     image.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale if larger
     return image_tensor(image, resolution)
 
@@ -261,10 +265,12 @@ class ShardDataset(Dataset):
         self._files[shard] = fd
         return fd
 
-    def _read(self, shard: int, span: np.ndarray) -> bytes | None:
+    def _read(self, shard: int, span: np.ndarray, kind: str = "image") -> bytes | None:
         offset, size = int(span[0]), int(span[1])
         if size < 0:
             return None
+        if size > MAX_MEMBER_BYTES[kind]:
+            raise CorruptSample(f"{kind} member of {size} bytes is over the size cap")
         data = os.pread(self._fd(shard), size, offset)  # no file position: safe anywhere
         if len(data) != size:
             raise CorruptSample(f"truncated shard (read {len(data)} of {size} bytes)")
@@ -272,14 +278,15 @@ class ShardDataset(Dataset):
 
     def caption(self, i: int) -> str:
         shard = int(self.index.shard[i])
-        text = self._read(shard, self.index.txt[i])
+        text = self._read(shard, self.index.txt[i], "txt")
         if text is not None:
             caption = text.decode("utf-8")
         else:
-            meta = self._read(shard, self.index.json[i])
+            meta = self._read(shard, self.index.json[i], "json")
             if meta is None:
                 raise CorruptSample("no caption (.txt or .json)")
-            value = json.loads(meta).get("caption")
+            record = json.loads(meta)
+            value = record.get("caption") if isinstance(record, dict) else None
             caption = value if isinstance(value, str) else ""
         caption = caption.strip()
         if not caption:
@@ -290,12 +297,13 @@ class ShardDataset(Dataset):
         key = self.index.keys[i]
         try:
             caption = self.caption(i)
-            data = self._read(int(self.index.shard[i]), self.index.image[i])
+            data = self._read(int(self.index.shard[i]), self.index.image[i], "image")
             if data is None:
                 raise CorruptSample("no image member")
             image = decode_image(data, self.resolution)
-        except (CorruptSample, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            # PIL raises OSError/ValueError/SyntaxError on bad data; json/unicode ValueError.
+        except ShardUnavailable:
+            raise  # the data set is broken, not this sample
+        except Exception as e:  # any decoder's failure on bad bytes is a skipped sample
             log.warning("skipping sample %s in %s: %s", key, self.index.folder, e)
             return {"key": key, "error": f"{type(e).__name__}: {e}"}
         return {"key": key, "caption": caption, "image": image}
