@@ -23,7 +23,7 @@ from stages.common.export import (
     read_export,
     write_export,
 )
-from stages.common.shards import sha256_file
+from stages.common.shards import sha256_file, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -149,3 +149,27 @@ def test_loaders_open_only_listed_files_and_load_the_bytes_they_hashed(tmp_path)
     with pytest.raises(ExportError, match="not listed"):
         load_tensors(folder, "extra.safetensors", manifest)
     assert read_config(folder, manifest) == {"width": 4}
+
+
+def test_atomic_writes_fsync_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """Issue 15, item 9: a rename is durable only once its folder is fsynced; without it a
+    power cut after "done" can leave the old file, or none, in place."""
+    synced: list[tuple[str, int]] = []  # (path fsynced, renames done before)
+    renames = []
+    fsync, replace = os.fsync, os.replace
+
+    def record_fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), len(renames)))
+        fsync(fd)
+
+    def record_replace(src, dst):
+        replace(src, dst)
+        renames.append(str(dst))
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    assert (str(tmp_path), 1) in synced
+    synced.clear(), renames.clear()
+    _write(tmp_path / "export", {})
+    assert (str(tmp_path), len(renames)) in synced and renames[-1] == str(tmp_path / "export")

@@ -96,15 +96,17 @@ def write_export(
         "info": info,
         "upstream": upstream,
     }
-    write_json_atomic(tmp / "manifest.json", manifest)
+    write_json_atomic(tmp / "manifest.json", manifest)  # also fsyncs tmp's entries
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
         os.replace(tmp, folder)
+        fsync_path(folder.parent)  # the new folder is in place before the old one goes
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, folder)
+    fsync_path(folder.parent)
     return manifest["hash"]
 
 

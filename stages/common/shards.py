@@ -126,7 +126,9 @@ def fsync_path(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary name, fsync, rename: readers never see half a file."""
+    """Write to a temporary name, fsync, rename, fsync the folder: readers never see half a
+    file, and after a crash the folder holds the new file or the old one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
@@ -134,6 +136,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)  # the rename itself is durable only once its folder is
 
 
 def write_manifest(folder: Path, manifest: ShardManifest) -> Path:
