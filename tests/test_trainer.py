@@ -187,6 +187,78 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_matches(tmp_path, referen
     assert ids(done) + ids(stage.seen) == ids(reference["seen"])
 
 
+def test_an_inherited_ignored_sighup_stays_ignored(tmp_path):
+    """Issue 15, item 5: `nohup make unet &` then logging out sends SIGHUP, which nohup set
+    to "ignore"; the trainer re-installed its handler over it, saved and stopped with 75."""
+    (tmp_path / "configs" / "tiny").mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, str(TESTS / "toy_stage.py"), "--configs", str(tmp_path / "configs")]
+    command += ["--runs", str(tmp_path), "toy.sleep=0.2", "train.max_steps=5"]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+    )
+    seen_file = tmp_path / "tiny/toy/seen.rank0.jsonl"
+    deadline = time.monotonic() + 60
+    while not (seen_file.exists() and len(seen_file.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == EXIT_OK, stderr
+    assert len(seen_file.read_text().splitlines()) == 5 and max(checkpoints(tmp_path)) == 5
+
+
+class StopAt:
+    """Sends this process SIGTERM when the toy loss reaches step ``step`` (0-based)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, stage: ToyStage, loss):
+        def wrapped(modules, batch, step):
+            if step == self.step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss(modules, batch, step)
+
+        return wrapped
+
+
+def test_a_stop_at_the_last_step_saves_first_and_one_during_the_final_save_is_kept(
+    tmp_path, monkeypatch
+):
+    """Issue 15, item 6: a stop signal at the last step ran validation and previews before
+    the final save; one arriving during the final save (or export) was dropped: exit 0."""
+    settings = ("train.val_every=8", "train.preview_every=8", "ckpt.every_steps=0")
+    config = load_config(ToyConfig, overrides=list(settings))
+    ctx = RunContext(tmp_path / "a", "tiny", "toy")
+    stage = ToyStage(config, ctx)
+    stage.loss = StopAt(7)(stage, stage.loss)  # the eighth and last step
+    assert train(stage, ctx) == EXIT_PREEMPTED
+    assert sorted(checkpoints(tmp_path / "a")) == [8]
+    metrics = read_metrics(tmp_path / "a/tiny/toy/metrics.jsonl")
+    assert not [m for m in metrics if m["split"] == "val"]  # saved before validating
+    assert not (tmp_path / "a/tiny/toy/previews").exists()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    code, again = run(tmp_path / "a", *settings)
+    assert code == EXIT_OK and not again.seen and (tmp_path / "a/tiny/toy/export").exists()
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    save = CheckpointManager.save
+
+    def signalled_save(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the grace period starts during the save
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointManager, "save", signalled_save)
+    code, _ = run(tmp_path / "b", "ckpt.every_steps=0")
+    assert code == EXIT_PREEMPTED and sorted(checkpoints(tmp_path / "b")) == [8]
+    assert not (tmp_path / "b/tiny/toy/export").exists()  # exported by the next run
+
+
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, reference, caplog):
     with pytest.raises(ToyCrash):  # checkpoints at steps 2 and 4, killed in step 6
         run(tmp_path, "ckpt.every_steps=2", "toy.crash_at_batch=5")

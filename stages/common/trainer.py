@@ -190,7 +190,11 @@ def unsafe_changes(saved: dict, current: dict, extra_safe: tuple[str, ...] = ())
 
 
 class Preemption:
-    """SIGTERM, SIGINT and SIGHUP set ``requested``; a second SIGINT aborts at once."""
+    """SIGTERM, SIGINT and SIGHUP set ``requested``; a second SIGINT aborts at once.
+
+    A signal the process inherited as ignored (``nohup`` ignores SIGHUP, a background job
+    of a non-interactive shell SIGINT) stays ignored: the user asked for exactly that.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -209,7 +213,8 @@ class Preemption:
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -607,11 +612,16 @@ class Trainer:
             self.accelerator.log({f"train/{k}": v for k, v in values.items()}, step=self.step)
 
     def after_update(self, result: StepResult) -> bool:
-        """Logging, validation and previews due at this step; whether a save is due too."""
+        """Logging, validation and previews due at this step; whether a save is due too.
+
+        After a stop signal only logging runs: the save comes first (a grace period may be
+        short), the validation and previews of this step are not made up for later."""
         cfg, every_steps = self.cfg.train, self.cfg.ckpt.every_steps
         save = False
         if cfg.log_every and self.step % cfg.log_every == 0:
             self.log_step(result.losses, result.grad_norm)
+        if result.preempt:
+            return True
         if cfg.val_every and self.step % cfg.val_every == 0:
             save |= self.validate()  # a new best is saved (and kept by the rotation)
         if cfg.preview_every and self.step % cfg.preview_every == 0:
@@ -670,15 +680,22 @@ class Trainer:
             code = self.loop(batches, bar)
         if code is not None:
             return code
+        if self.preempted:  # a stop at the last step: save before anything else, export later
+            self.save(final=True)
+            return EXIT_PREEMPTED
         if cfg.val_every and self.step % cfg.val_every:
             self.validate()
         if cfg.preview_every and self.step % cfg.preview_every:
             self.preview()
-        self.save(final=True)
-        if self.preempted:
+        self.save(final=True)  # a signal during it lets it finish, then stops (below)
+        if self._stop_requested():
             return EXIT_PREEMPTED  # export on the next run: the grace period may be short
         self.export()
-        return EXIT_OK
+        return EXIT_PREEMPTED if self._stop_requested() else EXIT_OK
+
+    def _stop_requested(self) -> bool:
+        """A stop signal on any rank since the loop ended (validation, previews, the save)."""
+        return self._agree([float(bool(self.preemption.requested))])[0] > 0
 
 
 def train(stage: Stage, ctx: RunContext) -> int:
