@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import urllib.error
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import lpips
 import pytest
 import torch
+import torchvision.models as tvm
 from PIL import Image
 
 from stages.common.cli import run_stage
@@ -18,6 +20,7 @@ from stages.common.config import ConfigError, load_config
 from stages.common.data import DataConfig, ShardLoader
 from stages.common.export import ExportError
 from stages.common.stage import RunContext
+from stages.vae import loss as loss_module
 from stages.vae.augment import AugmentConfig, build_augment
 from stages.vae.discriminator import NLayerDiscriminator
 from stages.vae.export import load_vae, save_vae_export
@@ -229,6 +232,43 @@ def test_offline_lpips_error_names_every_fix_and_one_retry_passes(preset, monkey
     # The command line reports it as a config error (exit 2), not a traceback.
     argv = ["--preset", preset, "--data", str(tmp_path), "--runs", str(tmp_path / "runs")]
     assert run_stage("vae", VAEConfig, VAEStage, argv) == 2
+
+
+class _Payload:
+    """Unpickling this writes ``marker``: the proof that something was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_lpips_backbone_is_hash_checked_and_loaded_weights_only(tmp_path, monkeypatch):
+    """Issue 15, item 13: torchvision loads a cached backbone without checking its hash and
+    with full unpickling; lpips unpickles its linear layers the same way."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    backbone = tvm.squeezenet1_1()
+    cached = tmp_path / "checkpoints" / "squeezenet1_1-b8a52dc0.pth"
+    cached.parent.mkdir()
+    torch.save(backbone.state_dict(), cached)  # not torchvision's file: another sha256
+    with pytest.raises(LPIPSUnavailable, match="sha256 prefix b8a52dc0"):
+        build_lpips(VAELossConfig(lpips_net="squeeze"))
+
+    monkeypatch.setattr(loss_module, "sha256_file", lambda path: "b8a52dc0" + "0" * 56)
+    marker = tmp_path / "unpickled"
+    cached.write_bytes(pickle.dumps(_Payload(marker)))  # a hash collision, say
+    with pytest.raises(LPIPSUnavailable):
+        build_lpips(VAELossConfig(lpips_net="squeeze"))
+    assert not marker.exists()
+
+    torch.save(backbone.state_dict(), cached)  # the weights land in lpips' slices
+    net = build_lpips(VAELossConfig(lpips_net="squeeze"))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(net.net.slice1(x), backbone.features[:2](x))
+    linear = Path(lpips.__file__).parent / "weights" / "v0.1" / "squeeze.pth"
+    state = torch.load(linear, map_location="cpu", weights_only=True)
+    assert torch.equal(net.lin6.model[1].weight, state["lin6.model.1.weight"])  # lpips' own
 
 
 def test_augment_off_by_default_and_flip_applies():

@@ -20,6 +20,8 @@ sums over pixels divided by the batch): ``kl`` is divided by the 3*H*W pixel val
 
 from __future__ import annotations
 
+import inspect
+import pickle
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from torch.func import functional_call
 
 from stages.common.config import ConfigError
 from stages.common.probe import to_lab
+from stages.common.shards import sha256_file
 from stages.common.trainer import unwrap
 
 from .model import DiagonalGaussian
@@ -102,19 +105,55 @@ def backbone_path(net: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / _BACKBONES[net].url.rsplit("/", 1)[-1]
 
 
+def backbone_state(net: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights of an LPIPS backbone, from the torch.hub cache
+    (downloaded there once). The sha256 prefix in the file name is checked on every load,
+    not only on download as torch.hub does, and nothing is unpickled (weights_only)."""
+    path = backbone_path(net)
+    prefix = torch.hub.HASH_REGEX.search(path.name).group(1)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(_BACKBONES[net].url, str(path), prefix, progress=False)
+    if not sha256_file(path).startswith(prefix):
+        raise LPIPSUnavailable(
+            f"{path} does not match the sha256 prefix {prefix} in its name: delete it "
+            "(it is downloaded again) or put torchvision's file there"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_backbone(backbone: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """lpips slices torchvision's ``features`` into ``slice<k>`` modules named by index."""
+    own = {
+        f"{name}.{key}": state[f"features.{key}"]
+        for name, part in backbone.named_children()
+        for key in part.state_dict()
+    }
+    backbone.load_state_dict(own, strict=True)
+
+
 def build_lpips(cfg: VAELossConfig, without: Sequence[str] = ("loss.lpips_weight=0",)) -> nn.Module:
     """Frozen LPIPS (Zhang et al. 2018) on images in [-1, 1]; downloads the backbone once.
 
     Offline, the error names both ways out at once: the file and the exact path to put it
-    at, or ``without``, every override that trains without LPIPS (the stage adds its own)."""
+    at, or ``without``, every override that trains without LPIPS (the stage adds its own).
+    lpips' own loading unpickles in full (``torch.load`` of its linear layers, torchvision's
+    download of the backbone): both are loaded here instead, weights only, the backbone
+    against its hash."""
     random_backbone = cfg.lpips_backbone == "random"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # lpips passes torchvision's deprecated `pretrained`
-            net = lpips.LPIPS(
-                net=cfg.lpips_net, pretrained=True, pnet_rand=random_backbone, verbose=False
-            )
-    except (OSError, RuntimeError) as err:
+            net = lpips.LPIPS(net=cfg.lpips_net, pretrained=False, pnet_rand=True, verbose=False)
+        linear = Path(inspect.getfile(lpips.LPIPS)).parent / "weights" / "v0.1"
+        state = torch.load(linear / f"{cfg.lpips_net}.pth", map_location="cpu", weights_only=True)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        # "lins.<k>" alias "lin<k>" (a ModuleList of the same layers); the rest is the backbone
+        if unexpected or any(k.startswith("lin") and not k.startswith("lins.") for k in missing):
+            raise RuntimeError(f"lpips' linear layers do not fit: {missing} {unexpected}")
+        if not random_backbone:
+            _load_backbone(net.net, backbone_state(cfg.lpips_net))
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
         overrides = " ".join(without)
         raise LPIPSUnavailable(
             f"LPIPS ({cfg.lpips_net}) needs torchvision's ImageNet backbone, which could not "
