@@ -290,40 +290,73 @@ class CheckpointManager:
         info: Mapping[str, Any],
         rank: int = 0,
         barrier: Callable[[], None] = lambda: None,
+        any_failed: Callable[[bool], bool] | None = None,
     ) -> Path:
         """Write and commit ``step_XXXXXXX``; ``info`` goes into the manifest (``batches_seen``,
-        ``final``, ``best``, ...). Returns the committed folder."""
+        ``final``, ``best``, ...). Returns the committed folder.
+
+        ``any_failed(failed_here)`` (a collective: whether some rank failed) replaces
+        ``barrier`` at each of the three meeting points when given: an exception on one
+        rank is then raised on every rank at once, instead of leaving the others waiting at
+        a barrier until the process group times out."""
+
+        def meet(error: BaseException | None) -> None:
+            if any_failed is None:
+                barrier()
+                if error is not None:
+                    raise error
+            elif any_failed(error is not None):
+                if error is not None:
+                    raise error
+                raise CheckpointError(f"another process failed while saving step {step}")
+
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f".{final.name}.tmp"
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        for stem, tree in per_rank.items():
-            write_tree(tmp, stem, tree)
-        barrier()
-        if rank == 0:
-            for stem, tree in shared.items():
+        error: BaseException | None = None
+        try:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except Exception as err:  # every rank learns of it at the meeting point
+            error = err
+        meet(error)
+        try:
+            for stem, tree in per_rank.items():
                 write_tree(tmp, stem, tree)
-            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-            manifest = {
-                "format": FORMAT,
-                "step": step,
-                **info,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "files": files,
-            }
-            with open(tmp / MANIFEST, "w") as f:  # written last: it commits the content
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_path(tmp)
-            _commit(tmp, final)
-            _rotate(self.root, self.keep_last)
-            if self.mirror is not None:
-                self._copy_to_mirror(final, manifest)
-        barrier()
+        except Exception as err:
+            error = err
+        meet(error)
+        try:
+            if rank == 0:
+                self._commit_shared(step, tmp, final, shared, info)
+        except Exception as err:
+            error = err
+        meet(error)
         return final
+
+    def _commit_shared(
+        self, step: int, tmp: Path, final: Path, shared: Mapping[str, Any], info: Mapping[str, Any]
+    ) -> None:
+        """The main rank's part: shared trees, the manifest last, commit, rotate, mirror."""
+        for stem, tree in shared.items():
+            write_tree(tmp, stem, tree)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            **info,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": files,
+        }
+        with open(tmp / MANIFEST, "w") as f:  # written last: it commits the content
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(tmp)
+        _commit(tmp, final)
+        _rotate(self.root, self.keep_last)
+        if self.mirror is not None:
+            self._copy_to_mirror(final, manifest)
 
     def _copy_to_mirror(self, src: Path, manifest: Mapping[str, Any]) -> None:
         """Copy, re-read and verify, rename; a failing mirror warns and never stops training."""

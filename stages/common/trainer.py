@@ -458,7 +458,12 @@ class Trainer:
             "best": self.best,
         }
         path = self.checkpoints.save(
-            self.step, shared, per_rank, info, self.rank, self.accelerator.wait_for_everyone
+            self.step,
+            shared,
+            per_rank,
+            info,
+            self.rank,
+            any_failed=lambda failed: self._agree([float(failed)])[0] > 0,
         )
         self.last_save = time.monotonic()
         log.info("saved %s", path)
