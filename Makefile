@@ -1,5 +1,6 @@
 # The user's surface. Every target depends on `setup`, so a fresh clone needs nothing else.
-# CFG and STEPS left empty take the preset's sampling defaults (configs/<preset>/sample.toml).
+# CFG and STEPS left empty take the preset's sampling defaults (configs/<preset>/sample.toml);
+# `make sample N=4` writes a grid of four seeds.
 # Stage targets are file targets on their export manifest: `make unet` builds only what is
 # missing upstream, and re-running an interrupted target resumes it from its checkpoint.
 
@@ -24,6 +25,7 @@ PROMPT ?= $(if $(UNCOND),,a red apple; flat colour emoji)
 CFG    ?=
 STEPS  ?=
 SEED   ?= 42
+N      ?=
 OUT    ?= out.png
 PORT   ?= 8000
 ARGS   ?=
@@ -89,7 +91,8 @@ $(call EXPORT,unet): $(UNET_DEPS) | $(STAMP)
 
 sample: $(call EXPORT,unet) | $(STAMP)
 	$(PY) -m pipeline generate "$(PROMPT)" --preset $(PRESET) --runs $(RUNS) \
-		$(if $(CFG),--cfg-scale $(CFG)) $(if $(STEPS),--steps $(STEPS)) --seed $(SEED) --out $(OUT)
+		$(if $(CFG),--cfg-scale $(CFG)) $(if $(STEPS),--steps $(STEPS)) --seed $(SEED) \
+		$(if $(N),--n $(N)) --out $(OUT)
 
 serve: $(call EXPORT,unet) | $(STAMP)
 	$(PY) -m pipeline serve --preset $(PRESET) --runs $(RUNS) --port $(PORT)
