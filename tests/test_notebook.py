@@ -11,7 +11,7 @@ Colab runtime dying, once the UNet's first checkpoint is on "Drive"; the local r
 then deleted (a fresh runtime) and the notebook is run again from the top: VAE and CLIP are
 not trained again, the UNet resumes from the newest checkpoint on "Drive" and finishes with
 an export, and the grid is sampled and displayed. About 35 s of CPU time (a quarter of it
-importing torch in seven processes): 1 to 3 minutes on 2 shared cores.
+importing torch in seven processes): 35 s to 3 minutes of wall clock on 2 shared cores.
 """
 
 from __future__ import annotations
