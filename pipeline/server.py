@@ -44,13 +44,13 @@ from starlette.exceptions import HTTPException
 
 from .init_image import FORMATS, InitImageError, InitImageLimits, decode_data_uri, read_init_image
 from .png import data_uri
-from .text2image import DEFAULT_STRENGTH, Generated
+from .text2image import DEFAULT_STRENGTH, Generated, SettingsError
 from .worker import QueueFull, Worker
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**32 - 1  # image i of a request uses seed + i, so seed + n - 1 must fit too
 
 
 class Pipeline(Protocol):
@@ -126,12 +126,24 @@ def request_model(settings: ServerSettings) -> type[BaseModel]:
             le=settings.max_cfg_scale,
             allow_inf_nan=False,
         )
+        n: int = Field(1, ge=1, le=settings.max_n)  # before seed: its check needs n
         seed: int | None = Field(None, ge=0, le=MAX_SEED)  # None: the server picks one
         sampler: Literal[settings.samplers] = settings.default_sampler  # type: ignore[valid-type]
-        n: int = Field(1, ge=1, le=settings.max_n)
         format: Literal["json", "png"] = "json"
         init_image: str | None = None  # its size is checked decoded (and by the body limit)
         strength: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+
+        @field_validator("seed")
+        @classmethod
+        def _last_seed_fits(cls, seed: int | None, info: ValidationInfo):
+            # The response reports seed + i for image i: each must be a seed accepted back.
+            n = info.data.get("n", 1)
+            if seed is not None and seed + n - 1 > MAX_SEED:
+                raise ValueError(
+                    f"image i uses seed + i, so seed + n - 1 must be at most {MAX_SEED} "
+                    f"(got seed {seed} with n {n})"
+                )
+            return seed
 
         @field_validator("strength")
         @classmethod
@@ -276,7 +288,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
                 {"detail": f"n: must be 1 when asking for image/png (got {body.n})"},
                 status_code=422,
             )
-        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        # A picked seed leaves room for seed + n - 1 (the last image's) within the range.
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 2 - body.n)
         img2img: dict[str, Any] = {}
         if body.init_image is not None:
             try:  # decoding a large image takes a while: off the event loop
@@ -305,12 +318,14 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
                 {"detail": f"generation did not finish within {settings.timeout_s:g} s"},
                 status_code=504,
             )
-        except ValueError as err:  # the pipeline refused the settings
+        except SettingsError as err:  # the pipeline refused the settings: the caller's mistake
             return JSONResponse({"detail": str(err)}, status_code=422)
-        except Exception as err:  # out of memory, a broken export...: say so, stay up
+        except Exception:  # out of memory, a broken export, a ValueError deep in torch...
+            # The detail (paths, shapes, memory figures) goes to the log, not to the client.
             log.exception("generation failed")
             return JSONResponse(
-                {"detail": f"generation failed: {type(err).__name__}: {err}"}, status_code=500
+                {"detail": "generation failed: internal error (the server log has the detail)"},
+                status_code=500,
             )
         if as_png:
             return Response(

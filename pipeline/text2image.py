@@ -56,6 +56,11 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DEFAULT_STRENGTH = 0.6  # image-to-image: how much of the path is re-generated
 
 
+class SettingsError(ValueError):
+    """``generate`` refused its arguments (a caller's mistake, unlike a ValueError from deep
+    inside torch): the server answers 422 for these only."""
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """Pipeline settings; ``configs/<preset>/sample.toml`` holds a preset's differences.
@@ -225,24 +230,27 @@ class Text2Image:
         eta = (defaults.eta if sampler == defaults.sampler else 0.0) if eta is None else eta
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
-            raise ValueError("generate needs at least one prompt")
-        check_sampling(sampler, steps, eta)
+            raise SettingsError("generate needs at least one prompt")
+        try:
+            check_sampling(sampler, steps, eta)
+        except ValueError as err:
+            raise SettingsError(str(err)) from err
         if negative_prompt is None or isinstance(negative_prompt, str):
             negatives = [negative_prompt or ""] * len(prompts)
         else:
             negatives = [n or "" for n in negative_prompt]
             if len(negatives) != len(prompts):
-                raise ValueError(
+                raise SettingsError(
                     f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one "
                     "or one per prompt"
                 )
         if not self.conditional and (any(prompts) or any(negatives)):
-            raise ValueError(
+            raise SettingsError(
                 "this UNet is unconditional (trained without a text encoder): give empty "
                 "prompts and no negative prompt"
             )
         if init_image is None and strength is not None:
-            raise ValueError("strength applies to image-to-image only: give an init image")
+            raise SettingsError("strength applies to image-to-image only: give an init image")
         seeds = [seed + i for i in range(len(prompts))]
         cond, uncond = self._conditions(prompts, negatives)
         noise = seeded_noise(self.latent_shape, seeds).to(self.device)

@@ -226,7 +226,7 @@ def test_slow_generation_is_a_504(pipe):
         assert client.post("/generate", json={"prompt": "a", "seed": 0}).status_code == 200
 
 
-def test_a_failing_generation_is_a_500_with_the_reason(pipe):
+def test_a_failing_generation_is_a_500_with_the_reason_in_the_log(pipe, caplog):
     class Failing(GatedPipeline):
         def generate(self, prompts, **kwargs):
             raise RuntimeError("CUDA out of memory (simulated)")
@@ -234,7 +234,8 @@ def test_a_failing_generation_is_a_500_with_the_reason(pipe):
     with TestClient(create_app(Failing(pipe), ServerSettings(default_steps=2))) as client:
         response = client.post("/generate", json={"prompt": "a"})
         assert response.status_code == 500
-        assert "out of memory" in response.json()["detail"]
+        assert "out of memory" not in response.json()["detail"]
+        assert "out of memory" in caplog.text
         assert client.get("/health").status_code == 200
 
 
@@ -351,3 +352,53 @@ def test_bad_init_images_get_a_readable_422(client, extra, message):
     response = client.post("/generate", json={"prompt": "x", "steps": 1, **extra})
     assert response.status_code == 422, response.text
     assert message in response.json()["detail"]
+
+
+# ------------------------------------------------------------------------ issue 15, item 17
+
+
+def test_every_returned_seed_is_accepted_back(pipe, monkeypatch):
+    from pipeline import server
+
+    fake = RecordingPipeline(pipe)
+    with TestClient(create_app(fake, SETTINGS)) as client:
+        top = server.MAX_SEED
+        response = client.post("/generate", json={"prompt": "a", "seed": top - 2, "n": 3})
+        assert response.status_code == 200, response.text
+        seeds = [image["seed"] for image in response.json()["images"]]
+        assert seeds == [top - 2, top - 1, top]
+        for seed in seeds:  # each reported seed is a valid request
+            response = client.post("/generate", json={"prompt": "a", "seed": seed})
+            assert response.status_code == 200, response.text
+        response = client.post("/generate", json={"prompt": "a", "seed": top - 1, "n": 3})
+        assert response.status_code == 422
+        detail = response.json()["detail"]
+        assert detail.startswith("seed:") and f"at most {top}" in detail
+        # A seed the server picks leaves room for the last image's.
+        monkeypatch.setattr(server.secrets, "randbelow", lambda bound: bound - 1)
+        response = client.post("/generate", json={"prompt": "a", "n": 3})
+        assert response.status_code == 200, response.text
+        assert response.json()["images"][-1]["seed"] == top
+
+
+def test_only_the_pipelines_settings_errors_are_422s(pipe, caplog):
+    from pipeline.text2image import SettingsError
+
+    class Raising(GatedPipeline):
+        error: Exception = ValueError("Expected size 4 but got /secret/path shape (3, 7)")
+
+        def generate(self, prompts, **kwargs):
+            raise self.error
+
+    fake = Raising(pipe)
+    with TestClient(create_app(fake, ServerSettings(default_steps=2))) as client:
+        with caplog.at_level("ERROR", logger="pipeline.server"):
+            response = client.post("/generate", json={"prompt": "a"})
+        assert response.status_code == 500
+        detail = response.json()["detail"]
+        assert "internal error" in detail and "secret" not in detail and "Expected" not in detail
+        assert "/secret/path" in caplog.text  # the detail is in the log
+        fake.error = SettingsError("sampler heun needs at least 2 steps")
+        response = client.post("/generate", json={"prompt": "a"})
+        assert response.status_code == 422
+        assert response.json()["detail"] == "sampler heun needs at least 2 steps"
