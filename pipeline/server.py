@@ -6,7 +6,7 @@
                      raw PNG (n = 1) when ``Accept: image/png`` or ``"format": "png"``;
                      ``init_image`` (a base64 data URI of a PNG, JPEG or WebP) turns on
                      image-to-image at ``strength`` in [0, 1]
-    GET  /health     models loaded, device, export hashes, queue
+    GET  /health     worker state, device, export hashes, queue (503 when the worker stopped)
     GET  /config     allowed ranges and defaults (the page reads them)
     GET  /           the web page (static/index.html, plain HTML + JS)
 
@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException
 from .init_image import FORMATS, InitImageError, InitImageLimits, decode_data_uri, read_init_image
 from .png import data_uri
 from .text2image import DEFAULT_STRENGTH, Generated, SettingsError
-from .worker import QueueFull, Worker
+from .worker import QueueFull, Worker, WorkerDead
 
 log = logging.getLogger(__name__)
 
@@ -266,15 +266,20 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "models_loaded": True,
+    async def health() -> JSONResponse:
+        # The models sit in memory for the app's whole life; what can fail is the one thread
+        # that runs them. A stopped worker is a 503 here, as on /generate.
+        alive = worker.alive
+        payload = {
+            "status": "ok" if alive else "worker stopped",
+            "models_loaded": alive,
+            "worker": {"alive": alive, "failure": worker.failure},
             "device": str(pipeline.device),
             "hashes": dict(pipeline.hashes),
             "resolution": pipeline.resolution,
             "queue": {"pending": worker.pending, "capacity": worker.capacity},
         }
+        return JSONResponse(payload, status_code=200 if alive else 503)
 
     @app.get("/config")
     async def config() -> dict[str, Any]:
@@ -308,6 +313,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
                 status_code=503,
                 headers={"Retry-After": "5"},
             )
+        except WorkerDead as err:
+            return JSONResponse({"detail": f"{err}; the server needs a restart"}, status_code=503)
         try:
             images, elapsed = await asyncio.wait_for(
                 asyncio.wrap_future(future), settings.timeout_s
@@ -318,6 +325,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
                 {"detail": f"generation did not finish within {settings.timeout_s:g} s"},
                 status_code=504,
             )
+        except WorkerDead as err:  # it stopped while this job ran or waited
+            return JSONResponse({"detail": f"{err}; the server needs a restart"}, status_code=503)
         except SettingsError as err:  # the pipeline refused the settings: the caller's mistake
             return JSONResponse({"detail": str(err)}, status_code=422)
         except Exception:  # out of memory, a broken export, a ValueError deep in torch...

@@ -402,3 +402,37 @@ def test_only_the_pipelines_settings_errors_are_422s(pipe, caplog):
         response = client.post("/generate", json={"prompt": "a"})
         assert response.status_code == 422
         assert response.json()["detail"] == "sampler heun needs at least 2 steps"
+
+
+# ------------------------------------------------------------------------ issue 15, item 15
+
+
+class Fatal(BaseException):
+    """Not an Exception: what kills a thread (SystemExit, KeyboardInterrupt, a library's)."""
+
+
+def test_a_dead_worker_shows_in_health_and_requests_get_503(pipe):
+    class Dying(GatedPipeline):
+        def generate(self, prompts, **kwargs):
+            raise Fatal("the driver went away (simulated)")
+
+    app = create_app(Dying(pipe), ServerSettings(default_steps=2, timeout_s=20))
+    with TestClient(app) as client:
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["models_loaded"] is True
+        assert health.json()["worker"] == {"alive": True, "failure": None}
+        start = time.monotonic()
+        response = client.post("/generate", json={"prompt": "a"})
+        assert response.status_code == 503, response.text
+        assert time.monotonic() - start < 10  # answered, not left to time out
+        assert "worker stopped" in response.json()["detail"]
+        deadline = time.monotonic() + 10
+        while app.state.worker.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        health = client.get("/health")
+        assert health.status_code == 503
+        body = health.json()
+        assert body["status"] != "ok" and body["models_loaded"] is False
+        assert body["worker"]["alive"] is False and "Fatal" in body["worker"]["failure"]
+        later = client.post("/generate", json={"prompt": "a"})
+        assert later.status_code == 503 and "worker stopped" in later.json()["detail"]
