@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 import time
@@ -100,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--queue-size", type=int, default=8, help="waiting requests before 503")
     serve.add_argument("--timeout", type=float, default=300.0, help="seconds per request (504)")
+    serve.add_argument(
+        "--token",
+        default=None,
+        help="bearer token POST /generate requires (default: $MINISD_TOKEN; none: no token)",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="another Host name to answer to (besides the bound address); repeatable",
+    )
     _add_sampling_args(serve, with_prompt_options=False)
     _add_model_args(serve)
 
@@ -258,8 +270,9 @@ def cmd_interactive(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import ServerSettings, create_app
+    from .server import ServerSettings, allowed_host_names, binding_warning, create_app
 
+    token = args.token or os.environ.get("MINISD_TOKEN") or None
     pipe, _, sampling = load_pipeline(args)
     settings = ServerSettings(
         default_steps=sampling.steps,
@@ -270,7 +283,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shift=sampling.shift,
         queue_size=args.queue_size,
         timeout_s=args.timeout,
+        token=token,
+        allowed_hosts=allowed_host_names(args.host, tuple(args.allowed_host)),
     )
+    warning = binding_warning(args.host, token)
+    if warning:
+        print(f"\n{'!' * 78}\n{warning}\n{'!' * 78}\n", file=sys.stderr)
     print(f"serving on http://{args.host}:{args.port}/ (device {pipe.device})", file=sys.stderr)
     uvicorn.run(create_app(pipe, settings), host=args.host, port=args.port)
     return 0

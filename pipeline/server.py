@@ -10,7 +10,9 @@
     GET  /config     allowed ranges and defaults (the page reads them)
     GET  /           the web page (static/index.html, plain HTML + JS)
 
-Requests are checked by a pydantic model built from the settings (422 with one readable
+POST /generate must be ``Content-Type: application/json`` (415), same-origin when the browser
+sends ``Origin`` and to an allowed Host name (403), and carry ``Authorization: Bearer <token>``
+when the server has a token (401). Requests are checked by a pydantic model built from the settings (422 with one readable
 ``detail`` line; an init image that is too big, of another format, over the pixel cap or
 corrupt is a 422 that says which), bodies over ``body_limit`` are refused (413) both by
 Content-Length and while streaming, generation runs on one worker thread behind a bounded queue (503 when
@@ -24,9 +26,10 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -93,6 +96,8 @@ class ServerSettings:
     conditional: bool = True  # False (an unconditional UNet): the prompt must be empty
     init_image: InitImageLimits = InitImageLimits()
     default_strength: float = DEFAULT_STRENGTH
+    token: str | None = field(default=None, repr=False)  # bearer token /generate requires
+    allowed_hosts: tuple[str, ...] = ()  # Host names /generate accepts; (): any
 
     @property
     def max_init_image_chars(self) -> int:
@@ -224,6 +229,82 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host.lower() in LOOPBACK_NAMES or host.startswith("127.")
+
+
+def allowed_host_names(bound: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The Host names to accept when bound to ``bound`` (a guard against DNS rebinding): the
+    loopback names on loopback, the address itself otherwise, any name on 0.0.0.0 / ::."""
+    if bound in ("", "0.0.0.0", "::"):
+        return ()
+    names = LOOPBACK_NAMES if is_loopback(bound) else (bound.lower(),)
+    return names + tuple(e.lower() for e in extra)
+
+
+def binding_warning(host: str, token: str | None) -> str | None:
+    """What to shout when the server listens beyond loopback (None on loopback)."""
+    if is_loopback(host):
+        return None
+    where = f"WARNING: serving on {host}, reachable from other machines"
+    if token:
+        return f"{where}; /generate needs the bearer token"
+    return (
+        f"{where} and WITHOUT A TOKEN: anyone who reaches it can use this machine's GPU. "
+        "Set --token or MINISD_TOKEN, or bind 127.0.0.1."
+    )
+
+
+class RequestGuard:
+    """ASGI middleware for POST /generate, before its body is read: a cross-origin ``Origin``
+    or a Host outside ``allowed_hosts`` is a 403, a missing or wrong bearer token (when one is
+    set) a 401, a body that is not ``application/json`` a 415 (a form a page on another site
+    posts without preflight would otherwise be parsed as JSON)."""
+
+    def __init__(self, app, token: str | None, allowed_hosts: tuple[str, ...]) -> None:
+        self.app = app
+        self.token = token
+        self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
+
+    def refusal(self, headers: dict[str, str]) -> tuple[int, str, dict[str, str]] | None:
+        host = headers.get("host", "").lower()
+        if self.allowed_hosts and (urlsplit(f"//{host}").hostname or "") not in self.allowed_hosts:
+            return 403, f"Host {host!r} is not one this server answers to", {}
+        origin = headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != host:
+            return 403, f"cross-origin request from {origin!r} refused", {}
+        if self.token is not None:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(
+                given.strip().encode(), self.token.encode()
+            ):
+                return (
+                    401,
+                    "this server needs a bearer token: Authorization: Bearer <token>",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            return 415, f"Content-Type must be application/json (got {media_type!r})", {}
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/generate":
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1")
+                for k, v in scope.get("headers") or []
+            }
+            refused = self.refusal(headers)
+            if refused is not None:
+                status, detail, extra = refused
+                response = JSONResponse({"detail": detail}, status_code=status, headers=extra)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _run_job(
     pipeline: Pipeline, body: BaseModel, seed: int, shift: float | None, img2img: dict[str, Any]
 ) -> tuple[list[tuple[bytes, dict[str, str]]], float]:
@@ -255,6 +336,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
     app.state.worker = worker
     app.state.pipeline = pipeline
     app.add_middleware(BodyLimit, max_bytes=settings.body_limit)
+    # Added last, so it runs first: refusals cost no body read.
+    app.add_middleware(RequestGuard, token=settings.token, allowed_hosts=settings.allowed_hosts)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

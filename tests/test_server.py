@@ -436,3 +436,64 @@ def test_a_dead_worker_shows_in_health_and_requests_get_503(pipe):
         assert body["worker"]["alive"] is False and "Fatal" in body["worker"]["failure"]
         later = client.post("/generate", json={"prompt": "a"})
         assert later.status_code == 503 and "worker stopped" in later.json()["detail"]
+
+
+# ------------------------------------------------------------------------ issue 15, item 16
+
+
+def test_generate_needs_a_json_content_type(client):
+    body = b'{"prompt": "a", "seed": 1}'
+    for headers in ({}, {"Content-Type": "text/plain"}, {"Content-Type": "multipart/form-data"}):
+        response = client.post("/generate", content=body, headers=headers)
+        assert response.status_code == 415, (headers, response.text)
+        assert "application/json" in response.json()["detail"]
+    ok = {"Content-Type": "application/json; charset=utf-8"}
+    assert client.post("/generate", content=body, headers=ok).status_code == 200
+
+
+def test_cross_origin_and_foreign_host_requests_are_403s(pipe):
+    fake = RecordingPipeline(pipe)
+    settings = ServerSettings(default_steps=2, allowed_hosts=("127.0.0.1", "localhost"))
+    app = create_app(fake, settings)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        body = {"prompt": "a", "seed": 1}
+        same = client.post("/generate", json=body, headers={"Origin": "http://127.0.0.1:8000"})
+        assert same.status_code == 200, same.text
+        assert client.post("/generate", json=body).status_code == 200  # no Origin: not a browser
+        for origin in ("http://evil.example", "http://127.0.0.1:9999", "null"):
+            response = client.post("/generate", json=body, headers={"Origin": origin})
+            assert response.status_code == 403, origin
+            assert "cross-origin" in response.json()["detail"]
+        # DNS rebinding: the attacker's name resolves here, Origin and Host agree.
+        rebound = {"Host": "evil.example:8000", "Origin": "http://evil.example:8000"}
+        response = client.post("/generate", json=body, headers=rebound)
+        assert response.status_code == 403 and "Host" in response.json()["detail"]
+    assert len(fake.prompts) == 2
+
+
+def test_a_token_is_required_on_generate_when_set(pipe):
+    fake = RecordingPipeline(pipe)
+    app = create_app(fake, ServerSettings(default_steps=2, token="s3cret"))
+    with TestClient(app) as client:
+        body = {"prompt": "a", "seed": 1}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = client.post("/generate", json=body, headers=headers)
+            assert response.status_code == 401, headers
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert "s3cret" not in response.text
+        good = client.post("/generate", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert good.status_code == 200, good.text
+        assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+    assert "s3cret" not in repr(ServerSettings(token="s3cret"))
+
+
+def test_binding_beyond_loopback_is_warned_about_and_narrows_host_names():
+    from pipeline.server import allowed_host_names, binding_warning
+
+    assert binding_warning("127.0.0.1", None) is None and binding_warning("localhost", None) is None
+    loud = binding_warning("0.0.0.0", None)
+    assert loud and "WITHOUT A TOKEN" in loud and "MINISD_TOKEN" in loud
+    assert "token" in binding_warning("192.168.1.5", "t")
+    assert "localhost" in allowed_host_names("127.0.0.1")
+    assert allowed_host_names("192.168.1.5", ("box.lan",)) == ("192.168.1.5", "box.lan")
+    assert allowed_host_names("0.0.0.0") == ()

@@ -22,12 +22,13 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from pipeline.server import ServerSettings, create_app
+from pipeline.server import ServerSettings, allowed_host_names, create_app
 from pipeline.text2image import Text2Image
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT_S = 60
+TOKEN = "page-token"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +44,11 @@ def pipe(tmp_path_factory) -> Text2Image:
 
 @pytest.fixture(scope="module")
 def server_url(pipe):
-    app = create_app(pipe, ServerSettings(default_steps=2, max_steps=10))
+    # As `serve --token` on loopback: the page must pass the token, Origin and Host checks.
+    settings = ServerSettings(
+        default_steps=2, max_steps=10, token=TOKEN, allowed_hosts=allowed_host_names("127.0.0.1")
+    )
+    app = create_app(pipe, settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with others
@@ -55,7 +60,7 @@ def server_url(pipe):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
+    yield f"http://127.0.0.1:{port}/?token={TOKEN}"
     server.should_exit = True
     thread.join(10)
     sock.close()
@@ -121,6 +126,16 @@ def test_typing_a_prompt_and_clicking_generate_shows_an_image(browser, server_ur
     settings = browser.find_element(By.CSS_SELECTOR, "#results .settings").text
     assert "red apple; flat colour emoji" in settings and "seed 42" in settings
     assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+
+
+def test_without_the_token_the_page_says_it_is_needed(browser, server_url):
+    wait = _open_page(browser, server_url.split("?")[0])
+    _set(browser, "prompt", "black heart")
+    browser.find_element(By.ID, "generate").click()
+    error = browser.find_element(By.ID, "error")
+    wait.until(lambda d: error.is_displayed())
+    assert "Token needed" in error.text and "bearer token" in error.text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results img")
 
 
 def test_an_out_of_range_setting_shows_the_servers_message(browser, server_url):

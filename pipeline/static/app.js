@@ -1,7 +1,12 @@
 // The page: read ranges from /config, POST /generate, show images with their settings or the
 // server's error message. An uploaded image (image-to-image) is sent as a base64 data URI with
-// its strength. Plain JS, no build step.
+// its strength. Plain JS, no build step. A server started with a token (--token or
+// MINISD_TOKEN) is opened as /?token=...: the page sends it as a bearer token on /generate and
+// takes it out of the address bar.
 "use strict";
+
+const token = new URLSearchParams(window.location.search).get("token");
+if (token !== null) window.history.replaceState(null, "", window.location.pathname);
 
 const form = document.getElementById("generate-form");
 const button = document.getElementById("generate");
@@ -191,11 +196,17 @@ async function generate(event) {
   try {
     const response = await fetch("/generate", {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      headers: {
+        "Content-Type": "application/json",
+        Accept: "application/json",
+        ...(token ? { Authorization: `Bearer ${token}` } : {}),
+      },
       body: JSON.stringify(body),
     });
     if (!response.ok) {
       const prefix = {
+        401: "Token needed (open the page as /?token=...)",
+        403: "Refused",
         413: "Request too large",
         422: "Invalid settings",
         503: "Server busy",
