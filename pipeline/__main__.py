@@ -283,6 +283,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shift=sampling.shift,
         queue_size=args.queue_size,
         timeout_s=args.timeout,
+        # The default request (one image, heun, CFG) always fits under the cost cap.
+        max_cost=max(ServerSettings.max_cost, 4 * sampling.steps),
         token=token,
         allowed_hosts=allowed_host_names(args.host, tuple(args.allowed_host)),
     )

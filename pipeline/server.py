@@ -16,7 +16,10 @@ when the server has a token (401). Requests are checked by a pydantic model buil
 ``detail`` line; an init image that is too big, of another format, over the pixel cap or
 corrupt is a 422 that says which), bodies over ``body_limit`` are refused (413) both by
 Content-Length and while streaming, generation runs on one worker thread behind a bounded queue (503 when
-full) and each request waits at most ``timeout_s`` (504). Same seed, same image.
+full) and each request waits at most ``timeout_s`` (504). A request costing more than
+``max_cost`` UNet evaluations (n x steps x evaluations per step) is a 422 that states the cap;
+a job whose client left or whose deadline passed is skipped if queued and stops between
+sampler steps if running. Same seed, same image.
 
 No ``from __future__ import annotations`` here: FastAPI must resolve the request model,
 which is built per app inside ``create_app``.
@@ -25,6 +28,7 @@ which is built per app inside ``create_app``.
 import asyncio
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +51,7 @@ from starlette.exceptions import HTTPException
 
 from .init_image import FORMATS, InitImageError, InitImageLimits, decode_data_uri, read_init_image
 from .png import data_uri
-from .text2image import DEFAULT_STRENGTH, Generated, SettingsError
+from .text2image import DEFAULT_STRENGTH, Cancelled, Generated, SettingsError
 from .worker import QueueFull, Worker, WorkerDead
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,7 @@ class Pipeline(Protocol):
         shift: float,
         init_image: Any = None,
         strength: float | None = None,
+        should_stop: Any = None,  # () -> bool, asked between steps; True: raise Cancelled
     ) -> list[Generated]: ...
 
 
@@ -92,6 +97,7 @@ class ServerSettings:
     shift: float | None = None  # timestep shift; None: the UNet export's recorded default
     queue_size: int = 8  # jobs waiting behind the running one before 503
     timeout_s: float = 300.0  # per request, queueing included, before 504
+    max_cost: int = 800  # UNet evaluations per request: n x steps x evaluations per step
     max_body_bytes: int = 16 * 1024  # without the init image, which adds its own allowance
     conditional: bool = True  # False (an unconditional UNet): the prompt must be empty
     init_image: InitImageLimits = InitImageLimits()
@@ -161,6 +167,13 @@ def request_model(settings: ServerSettings) -> type[BaseModel]:
     return GenerateRequest
 
 
+def request_cost(n: int, steps: int, sampler: str, cfg_scale: float, conditional: bool) -> int:
+    """At most how many image-sized UNet evaluations a request costs: heun evaluates twice a
+    step, classifier-free guidance doubles the batch (not at scale 1 or without text)."""
+    per_step = (2 if sampler == "heun" else 1) * (2 if conditional and cfg_scale != 1.0 else 1)
+    return n * steps * per_step
+
+
 def config_payload(settings: ServerSettings, pipeline: Pipeline) -> dict[str, Any]:
     return {
         "prompt": {"max_chars": settings.max_prompt_chars if settings.conditional else 0},
@@ -181,6 +194,7 @@ def config_payload(settings: ServerSettings, pipeline: Pipeline) -> dict[str, An
         "default_sampler": settings.default_sampler,
         "resolution": pipeline.resolution,
         "timeout_s": settings.timeout_s,
+        "max_cost": settings.max_cost,
         "init_image": {
             "max_bytes": settings.init_image.max_bytes,
             "max_pixels": settings.init_image.max_pixels,
@@ -305,10 +319,20 @@ class RequestGuard:
         await self.app(scope, receive, send)
 
 
+POLL_S = 0.25  # how often a waiting request looks whether its client is still there
+
+
 def _run_job(
-    pipeline: Pipeline, body: BaseModel, seed: int, shift: float | None, img2img: dict[str, Any]
+    pipeline: Pipeline,
+    body: BaseModel,
+    seed: int,
+    shift: float | None,
+    img2img: dict[str, Any],
+    should_stop: Any,
 ) -> tuple[list[tuple[bytes, dict[str, str]]], float]:
     """Runs on the worker thread: generate and encode the PNGs (both CPU/GPU bound)."""
+    if should_stop():  # its client left or its deadline passed while it waited
+        raise Cancelled("cancelled before it started")
     start = time.perf_counter()
     images = pipeline.generate(
         [body.prompt] * body.n,
@@ -318,6 +342,7 @@ def _run_job(
         cfg_scale=body.cfg_scale,
         sampler=body.sampler,
         shift=shift,
+        should_stop=should_stop,
         **img2img,
     )
     return [(g.png(), g.metadata) for g in images], time.perf_counter() - start
@@ -377,6 +402,16 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
                 status_code=422,
             )
         # A picked seed leaves room for seed + n - 1 (the last image's) within the range.
+        cost = request_cost(body.n, body.steps, body.sampler, body.cfg_scale, settings.conditional)
+        if cost > settings.max_cost:
+            return JSONResponse(
+                {
+                    "detail": f"n x steps x UNet evaluations per step = {cost}, over this "
+                    f"server's cap of {settings.max_cost} per request (heun and CFG each "
+                    "evaluate twice a step): ask for fewer images or steps"
+                },
+                status_code=422,
+            )
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 2 - body.n)
         img2img: dict[str, Any] = {}
         if body.init_image is not None:
@@ -388,8 +423,16 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
                 return JSONResponse({"detail": f"init_image: {err}"}, status_code=422)
             strength = settings.default_strength if body.strength is None else body.strength
             img2img = {"init_image": image, "strength": strength}
+        deadline = time.monotonic() + settings.timeout_s
+        stop = threading.Event()  # set when the client leaves or the deadline passes
+
+        def should_stop() -> bool:
+            return stop.is_set() or time.monotonic() > deadline
+
         try:
-            future = worker.submit(lambda: _run_job(pipeline, body, seed, settings.shift, img2img))
+            future = worker.submit(
+                lambda: _run_job(pipeline, body, seed, settings.shift, img2img, should_stop)
+            )
         except QueueFull as err:
             return JSONResponse(
                 {"detail": f"server busy: {err}; try again shortly"},
@@ -398,16 +441,27 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
             )
         except WorkerDead as err:
             return JSONResponse({"detail": f"{err}; the server needs a restart"}, status_code=503)
+        waiting = asyncio.wrap_future(future)
+        timed_out = JSONResponse(
+            {"detail": f"generation did not finish within {settings.timeout_s:g} s"},
+            status_code=504,
+        )
         try:
-            images, elapsed = await asyncio.wait_for(
-                asyncio.wrap_future(future), settings.timeout_s
-            )
-        except TimeoutError:
-            future.cancel()
-            return JSONResponse(
-                {"detail": f"generation did not finish within {settings.timeout_s:g} s"},
-                status_code=504,
-            )
+            while not waiting.done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    stop.set()
+                    future.cancel()  # a job still queued is skipped; a running one stops
+                    return timed_out
+                await asyncio.wait({waiting}, timeout=min(remaining, POLL_S))
+                if not waiting.done() and await request.is_disconnected():
+                    stop.set()
+                    future.cancel()
+                    log.info("client gone: generation cancelled")
+                    return Response(status_code=499)  # nobody reads it
+            images, elapsed = waiting.result()
+        except Cancelled:  # the job saw the deadline pass first
+            return timed_out
         except WorkerDead as err:  # it stopped while this job ran or waited
             return JSONResponse({"detail": f"{err}; the server needs a restart"}, status_code=503)
         except SettingsError as err:  # the pipeline refused the settings: the caller's mistake

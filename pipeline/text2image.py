@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -54,6 +54,10 @@ from .png import encode_png
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DEFAULT_STRENGTH = 0.6  # image-to-image: how much of the path is re-generated
+
+
+class Cancelled(RuntimeError):
+    """``generate``'s ``should_stop`` said stop: no image (the caller gave up)."""
 
 
 class SettingsError(ValueError):
@@ -144,6 +148,15 @@ def _pixels_hash(pixels: torch.Tensor) -> str:
     return hashlib.sha256(rgb.numpy().tobytes()).hexdigest()
 
 
+def _stoppable(velocity: Callable, should_stop: Callable[[], bool]) -> Callable:
+    def checked(y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        if should_stop():
+            raise Cancelled("generation cancelled between sampler steps")
+        return velocity(y, tau)
+
+    return checked
+
+
 class Text2Image:
     """The pipeline object: three loaded exports on one device, prompts in, images out."""
 
@@ -215,12 +228,15 @@ class Text2Image:
         eta: float | None = None,
         init_image: Image.Image | None = None,
         strength: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[Generated]:
         """One image per prompt; image i uses seed ``seed + i``; None: the export's default.
 
         An unconditional model takes empty prompts (one per image) and no negative prompt.
         ``init_image`` (any size; shared by all prompts) turns on image-to-image at
-        ``strength`` in [0, 1] (None: ``DEFAULT_STRENGTH``).
+        ``strength`` in [0, 1] (None: ``DEFAULT_STRENGTH``). ``should_stop`` is asked before
+        every UNet evaluation; when it says True, ``Cancelled`` is raised (the server's way to
+        drop the work of a client that left or whose deadline passed).
         """
         defaults = self.defaults
         steps = defaults.steps if steps is None else steps
@@ -257,6 +273,8 @@ class Text2Image:
         unet = self.models.unet
         vae = self.models.vae
         velocity = cfg_velocity(unet.velocity(), cond, uncond, cfg_scale)
+        if should_stop is not None:
+            velocity = _stoppable(velocity, should_stop)
         grid = unet.objective.schedule.grid(steps, shift, self.device)
         init, extra = None, {}
         if init_image is not None:

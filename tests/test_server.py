@@ -497,3 +497,81 @@ def test_binding_beyond_loopback_is_warned_about_and_narrows_host_names():
     assert "localhost" in allowed_host_names("127.0.0.1")
     assert allowed_host_names("192.168.1.5", ("box.lan",)) == ("192.168.1.5", "box.lan")
     assert allowed_host_names("0.0.0.0") == ()
+
+
+# ------------------------------------------------------------------------ issue 15, item 14
+
+
+class SteppingPipeline(GatedPipeline):
+    """Takes ``steps`` sampler steps of ``step_s`` each, asking ``should_stop`` before each."""
+
+    def __init__(self, pipe: Text2Image, step_s: float = 0.05):
+        super().__init__(pipe)
+        self.step_s, self.taken, self.stopped = step_s, 0, threading.Event()
+
+    def generate(self, prompts, steps=1, should_stop=None, **kwargs):
+        from pipeline.text2image import Cancelled
+
+        self.started.set()
+        for _ in range(400):
+            if should_stop():
+                self.stopped.set()
+                raise Cancelled("stopped")
+            self.taken += 1
+            time.sleep(self.step_s)
+        return self.images * len(prompts)
+
+
+def test_work_past_its_deadline_stops_between_steps(pipe):
+    slow = SteppingPipeline(pipe)
+    app = create_app(slow, ServerSettings(timeout_s=0.3, default_steps=2))
+    with TestClient(app) as client:
+        response = client.post("/generate", json={"prompt": "a"})
+        assert response.status_code == 504
+        assert slow.stopped.wait(5)  # the job stopped, it did not run its 400 steps
+        assert slow.taken < 100
+
+
+def test_a_client_that_left_has_its_work_cancelled(pipe, monkeypatch):
+    from starlette.requests import Request
+
+    async def gone(self):
+        return slow.started.is_set()  # the client hangs up once its job is running
+
+    slow = SteppingPipeline(pipe)
+    monkeypatch.setattr(Request, "is_disconnected", gone)
+    with TestClient(create_app(slow, ServerSettings(timeout_s=30, default_steps=2))) as client:
+        start = time.monotonic()
+        client.post("/generate", json={"prompt": "a"})
+        assert slow.stopped.wait(5) and time.monotonic() - start < 10
+        assert slow.taken < 100
+
+
+def test_the_real_pipeline_stops_between_sampler_steps(pipe):
+    from pipeline.text2image import Cancelled
+
+    asked = []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(Cancelled):
+        pipe.generate(["a"], seed=0, steps=6, should_stop=should_stop)
+    assert len(asked) == 3  # asked before each evaluation, stopped at the third
+
+
+def test_the_cost_of_one_request_is_capped_with_a_422_that_states_the_cap(pipe):
+    fake = RecordingPipeline(pipe)
+    settings = ServerSettings(max_steps=8, max_n=3, max_cost=24)
+    with TestClient(create_app(fake, settings)) as client:
+        assert client.get("/config").json()["max_cost"] == 24
+        ok = {"prompt": "a", "n": 3, "steps": 4, "cfg_scale": 5.0}  # 3 x 4 x 2 (CFG) = 24
+        assert client.post("/generate", json=ok).status_code == 200
+        for over in ({"steps": 5}, {"sampler": "heun"}):  # 30, 48
+            response = client.post("/generate", json={**ok, **over})
+            assert response.status_code == 422
+            assert "cap of 24" in response.json()["detail"]
+        unguided = {**ok, "steps": 8, "cfg_scale": 1.0}  # one evaluation a step: 24
+        assert client.post("/generate", json=unguided).status_code == 200
+    assert len(fake.prompts) == 2
