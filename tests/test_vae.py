@@ -169,7 +169,26 @@ def test_total_loss_gives_disc_only_its_hinge_gradient():
         x, recon, DiagonalGaussian(mean, logvar), 0, disc, vae.decoder.conv_out.weight
     )
     assert {"g_loss", "d_loss", "d_weight"} <= set(out)
-    assert 0 < out["d_weight"].item() <= 0.5 * cfg.adaptive_weight_max
+    # Esser et al. eq. 7, computed here by hand: ||dNLL/dW|| / (||dG/dW|| + 1e-4) at the
+    # decoder's last layer W, clamped, times disc_weight.
+    last = vae.decoder.conv_out.weight
+    nll = cfg.l1_weight * (recon - x).abs().mean()
+    g = -disc(recon).mean()
+    (nll_grad,) = torch.autograd.grad(nll, last, retain_graph=True)
+    (g_grad,) = torch.autograd.grad(g, last, retain_graph=True)
+    ratio = (nll_grad.norm() / (g_grad.norm() + 1e-4)).item()
+    assert 0 < ratio < cfg.adaptive_weight_max
+    assert out["d_weight"].item() == pytest.approx(0.5 * ratio, rel=1e-4)
+    # The clamp: a maximum below the ratio gives max * disc_weight.
+    capped_cfg = dataclasses.replace(cfg, adaptive_weight_max=ratio / 4)
+    capped = VAELoss(capped_cfg)(x, recon, DiagonalGaussian(mean, logvar), 0, disc, last)
+    assert capped["d_weight"].item() == pytest.approx(0.5 * ratio / 4, rel=1e-4)
+    # The total carries d_weight * g_loss + d_loss on top of the reconstruction terms.
+    rest = out["loss"] - out["d_weight"] * out["g_loss"] - out["d_loss"]
+    without_gan = VAELoss(dataclasses.replace(cfg, disc_start=10))(
+        x, recon, DiagonalGaussian(mean, logvar), 0, disc, last
+    )["loss"]
+    torch.testing.assert_close(rest, without_gan)
     disc_total = torch.autograd.grad(out["loss"], list(disc.parameters()), retain_graph=True)
     d_loss, _, _ = VAELoss.discriminator_loss(x, recon, disc)
     for total, alone in zip(disc_total, torch.autograd.grad(d_loss, list(disc.parameters()))):
