@@ -217,6 +217,38 @@ def build_vae_export(folder: Path, seed: int = 0) -> str:
     )
 
 
+def test_unet_sees_latents_normalised_by_the_vae_exports_statistics(tmp_path):
+    """(z - latent_mean) / latent_std with the export's own per-channel values: every other
+    test export has mean 0 and std 1, where dropping the normalisation changes nothing."""
+    torch.manual_seed(0)
+    cfg = VAEModelConfig(
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        latent_channels=4,
+        norm_groups=4,
+        mid_attention=False,
+    )
+    m, s = torch.tensor([0.5, -1.0, 2.0, 0.25]), torch.tensor([2.0, 0.5, 4.0, 1.5])
+    save_vae_export(AutoencoderKL(cfg), cfg, tmp_path / "vae", m, s, resolution=16)
+    vae = load_vae(tmp_path / "vae")
+    z = torch.randn(3, 4, 4, 4)
+    by_hand = (z - m.view(1, 4, 1, 1)) / s.view(1, 4, 1, 1)
+    torch.testing.assert_close(vae.normalize(z), by_hand)
+    torch.testing.assert_close(vae.denormalize(by_hand), z)
+    # The training path (cache and on the fly): a posterior with zero std samples its mean.
+    batch = {
+        "latent_mean": z,
+        "latent_std": torch.zeros_like(z),
+        "tokens": torch.zeros(3, 2, 8),
+        "mask": torch.ones(3, 2, dtype=torch.bool),
+        "pooled": torch.zeros(3, 8),
+    }
+    x0, cond = cache_module.latents_and_condition(batch, vae, torch.device("cpu"))
+    torch.testing.assert_close(x0, by_hand)
+    assert isinstance(cond, TextCondition) and cond.tokens.shape == (3, 2, 8)
+
+
 def build_clip_export(folder: Path, shards: Path, vae_hash: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     captions = [b for batch in iter_split(shards / "train", 96, 16) for b in batch["caption"]]
