@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
-from bench import models, results  # noqa: E402
+from bench import harness, models, results  # noqa: E402
 from bench.harness import Case, Row, Settings, compare  # noqa: E402
 from bench.unet_train import build  # noqa: E402
 from stages.unet.model import UNetConfig  # noqa: E402
@@ -69,10 +69,38 @@ def test_training_step_comparison_returns_a_ratio_and_memory(one_thread):
     makers = {impl: (lambda impl=impl: build(impl, TINY, 1, 6, "cpu")) for impl in ("ours", "peer")}
     totals, per_rep, mib = compare(makers, warmup=1, min_reps=2, max_reps=2, budget_s=0.0)
     assert {len(t) for t in totals.values()} == {2}
+    assert per_rep == totals  # nothing extrapolated at scale 1
     ratio = Row(Case("unet_train", "tiny", {}, lambda impl: None), totals, per_rep).ratio
-    assert math.isfinite(ratio) and ratio > 0
+    pairs = [peer / ours for peer, ours in zip(per_rep["peer"], per_rep["ours"])]
+    assert math.isfinite(ratio) and ratio == pytest.approx(sum(pairs) / 2)  # median of two
     for impl in ("ours", "peer"):
         assert mib[impl]["run"] >= 0 and mib[impl]["state"] > -50  # MiB; RSS may shrink a bit
+
+
+def test_ratio_is_peer_time_over_ours_paired_by_repetition(monkeypatch):
+    """On a fake clock the peer's step takes 3 s and ours 1 s: the ratio is exactly 3 (peer
+    over ours), and of uneven repetitions it is the median of the pairs' quotients."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["now"])
+
+    def step(seconds: float):
+        def work() -> None:
+            clock["now"] += seconds
+
+        return lambda: work
+
+    totals, per_rep, _ = compare(
+        {"ours": step(1.0), "peer": step(3.0)},
+        warmup=1,
+        min_reps=3,
+        max_reps=3,
+        measure_memory=False,
+    )
+    assert totals == {"ours": [1.0] * 3, "peer": [3.0] * 3}
+    assert Row(Case("x", "x", {}, lambda impl: None), totals, per_rep).ratio == 3.0
+    # Pairs (2/1, 9/1, 4/4): median 2; the ratio of medians would say 4, the mean 4.
+    uneven = {"peer": [2.0, 9.0, 4.0], "ours": [1.0, 1.0, 4.0]}
+    assert Row(Case("x", "x", {}, lambda impl: None), uneven, uneven).ratio == 2.0
 
 
 def test_scaled_part_extrapolates_the_reported_time():
