@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from stages.common import export as export_module
 from stages.common.export import (
     ExportError,
     check_upstream,
@@ -50,8 +51,38 @@ def test_hash_covers_info_and_edited_manifest_is_refused(tmp_path):
         read_export(tmp_path / "a", "vae")
 
 
-def test_rewrite_replaces_atomically_and_wrong_stage_is_refused(tmp_path):
-    _write(tmp_path / "e", {"x": 1})
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash", ["weights", "manifest", "swap"])
+def test_rewrite_replaces_atomically_and_wrong_stage_is_refused(tmp_path, monkeypatch, crash):
+    first = _write(tmp_path / "e", {"x": 1})
+    # A crash while the new export is written (half a weights file, the manifest's rename,
+    # the old folder's move aside) leaves the old export whole and loadable.
+    if crash == "weights":
+
+        def half_written(tensors, path, *args, **kwargs):
+            Path(path).write_bytes(b"\0" * 10)
+            raise _Crash
+
+        monkeypatch.setattr(export_module, "save_file", half_written)
+    else:
+        real_replace, calls = os.replace, []
+
+        def replace(src, dst):
+            calls.append(src)
+            if len(calls) == (1 if crash == "manifest" else 2):
+                raise _Crash
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(_Crash):
+        _write(tmp_path / "e", {"x": 2})
+    monkeypatch.undo()
+    manifest = read_export(tmp_path / "e", "vae")
+    assert manifest["hash"] == first and manifest["info"] == {"x": 1}
+    assert torch.equal(load_tensors(tmp_path / "e")["w"], torch.arange(6.0).reshape(2, 3))
     again = _write(tmp_path / "e", {"x": 2})
     assert read_export(tmp_path / "e", "vae")["hash"] == again
     assert not list(tmp_path.glob(".e.*"))  # no temporary folder left behind
