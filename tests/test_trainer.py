@@ -164,6 +164,45 @@ def test_adamw8bit_with_accumulation_resumes_bitwise_equal(tmp_path):
     assert ids(resumed.seen) == ids(whole.seen)[4:]
 
 
+def test_adamw8bit_accumulation_matches_one_batch_of_twice_the_size(tmp_path, monkeypatch):
+    """grad_accum=2 over batches of 4 trains as grad_accum=1 over the same samples in batches
+    of 8 (no dropout or input noise, so the two runs draw no different random numbers): one
+    8-bit update per two micro-batches, from the mean of their gradients."""
+    import toy_stage
+
+    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: x)
+    monkeypatch.setattr(toy_stage.torch, "randn_like", torch.zeros_like)
+    settings = ("optim.name=adamw8bit", "toy.width=64", "train.max_steps=4")
+    code, _ = run(tmp_path / "accum", *settings, "train.grad_accum=2")
+    assert code == EXIT_OK
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+    class Pairs(toy_stage.RandomBatches):
+        """Batch i is batches 2i and 2i+1 of the accumulating run, concatenated."""
+
+        def __iter__(self):
+            halves = super().__iter__()
+            while True:
+                a, b = next(halves), next(halves)
+                yield {k: torch.cat([a[k], b[k]]) for k in ("x", "label", "ids")}
+
+    monkeypatch.setattr(toy_stage, "RandomBatches", Pairs)
+    code, _ = run(tmp_path / "whole", *settings, "train.grad_accum=1")
+    assert code == EXIT_OK
+    accum, whole = final_state(tmp_path / "accum"), final_state(tmp_path / "whole")
+    assert accum["trainer"]["step"] == whole["trainer"]["step"] == 4
+    for stem in ("model.net", "model.critic"):
+        for key, tensor in whole[stem].items():
+            torch.testing.assert_close(accum[stem][key], tensor, atol=1e-5, rtol=1e-4)
+    for key in ("loss", "grad_norm"):  # the mean over micro-batches, not their sum
+        logged = [
+            [m[key] for m in read_metrics(tmp_path / name / "tiny/toy/metrics.jsonl")]
+            for name in ("accum", "whole")
+        ]
+        assert len(logged[0]) == 4 and logged[0] == pytest.approx(logged[1], rel=1e-4), key
+
+
 def test_sigterm_saves_at_the_step_boundary_and_resume_matches(tmp_path, reference):
     (tmp_path / "configs" / "tiny").mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
