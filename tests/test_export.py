@@ -55,11 +55,12 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("crash", ["weights", "manifest", "swap"])
+@pytest.mark.parametrize("crash", ["weights", "manifest", "swap", "between"])
 def test_rewrite_replaces_atomically_and_wrong_stage_is_refused(tmp_path, monkeypatch, crash):
     first = _write(tmp_path / "e", {"x": 1})
     # A crash while the new export is written (half a weights file, the manifest's rename,
-    # the old folder's move aside) leaves the old export whole and loadable.
+    # the old folder's move aside, or between that move and the new folder's rename into
+    # place) leaves the old export whole and loadable.
     if crash == "weights":
 
         def half_written(tensors, path, *args, **kwargs):
@@ -72,7 +73,7 @@ def test_rewrite_replaces_atomically_and_wrong_stage_is_refused(tmp_path, monkey
 
         def replace(src, dst):
             calls.append(src)
-            if len(calls) == (1 if crash == "manifest" else 2):
+            if len(calls) == {"manifest": 1, "swap": 2, "between": 3}[crash]:
                 raise _Crash
             real_replace(src, dst)
 

@@ -97,6 +97,7 @@ def write_export(
         "upstream": upstream,
     }
     write_json_atomic(tmp / "manifest.json", manifest)  # also fsyncs tmp's entries
+    restore_interrupted(folder)  # an earlier replacement that stopped half-way
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -110,9 +111,20 @@ def write_export(
     return manifest["hash"]
 
 
+def restore_interrupted(folder: Path) -> None:
+    """Put back an export whose replacement stopped between ``write_export``'s two renames
+    (the old folder moved aside to ``.<name>.old``, the new one not yet in place)."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and (old / "manifest.json").exists():
+        os.replace(old, folder)
+        fsync_path(folder.parent)
+
+
 def read_export(folder: Path, stage: str, verify: bool = True) -> dict[str, Any]:
     """Read and check an export's manifest (stage, and every file's sha256 if ``verify``)."""
     folder = Path(folder)
+    restore_interrupted(folder)
     path = folder / "manifest.json"
     if not path.exists():
         raise ExportError(
