@@ -202,7 +202,13 @@ def test_clip_score_is_100_times_the_clipped_cosine():
 # ---------------------------------------------------------------------------- exports
 
 
-def build_vae_export(folder: Path, seed: int = 0) -> str:
+def build_vae_export(
+    folder: Path,
+    seed: int = 0,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+) -> str:
+    """An untrained 16 px VAE export with latent statistics ``mean``/``std`` (0 and 1)."""
     torch.manual_seed(seed)
     cfg = VAEModelConfig(
         base_channels=8,
@@ -212,25 +218,16 @@ def build_vae_export(folder: Path, seed: int = 0) -> str:
         norm_groups=4,
         mid_attention=False,
     )
-    return save_vae_export(
-        AutoencoderKL(cfg), cfg, folder, torch.zeros(4), torch.ones(4), resolution=16
-    )
+    mean = torch.zeros(4) if mean is None else mean
+    std = torch.ones(4) if std is None else std
+    return save_vae_export(AutoencoderKL(cfg), cfg, folder, mean, std, resolution=16)
 
 
 def test_unet_sees_latents_normalised_by_the_vae_exports_statistics(tmp_path):
     """(z - latent_mean) / latent_std with the export's own per-channel values: every other
     test export has mean 0 and std 1, where dropping the normalisation changes nothing."""
-    torch.manual_seed(0)
-    cfg = VAEModelConfig(
-        base_channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        latent_channels=4,
-        norm_groups=4,
-        mid_attention=False,
-    )
     m, s = torch.tensor([0.5, -1.0, 2.0, 0.25]), torch.tensor([2.0, 0.5, 4.0, 1.5])
-    save_vae_export(AutoencoderKL(cfg), cfg, tmp_path / "vae", m, s, resolution=16)
+    build_vae_export(tmp_path / "vae", mean=m, std=s)
     vae = load_vae(tmp_path / "vae")
     z = torch.randn(3, 4, 4, 4)
     by_hand = (z - m.view(1, 4, 1, 1)) / s.view(1, 4, 1, 1)
