@@ -18,7 +18,8 @@ import multiprocessing
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,23 +128,65 @@ def _prepare_target(
     return _Target(resolution, folder, ledger, fingerprints, todo)
 
 
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _crashed(job: Job) -> JobResult:
+    return JobResult(job.index, None, None, reason="decoder_crashed", error="worker process died")
+
+
 def _ordered_map(
     fn: Callable[[Job], JobResult], jobs: Iterable[Job], workers: int
 ) -> Iterator[JobResult]:
-    """``map`` over worker processes, in order, with at most a few jobs in flight per worker."""
+    """``map`` over worker processes, in order, with at most a few jobs in flight per worker.
+
+    A worker that dies (OOM killer, decoder segfault) breaks the whole pool: every job then
+    in flight fails with ``BrokenProcessPool``. Those are run again one at a time in a fresh
+    pool, so only the one that kills its worker again is skipped (``decoder_crashed``) and
+    the build goes on; a re-run does not die on the same file either."""
     if workers <= 0:
         yield from map(fn, jobs)
         return
     window = 16 * workers
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = _new_pool(workers)
+
+    def alone(job: Job) -> JobResult:
+        nonlocal pool
+        try:
+            return pool.submit(fn, job).result()
+        except BrokenProcessPool:
+            pool.shutdown(wait=True, cancel_futures=True)
+            pool = _new_pool(workers)
+            return _crashed(job)
+
+    def take(pending: deque) -> JobResult:
+        nonlocal pool
+        job, future = pending.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            pass
+        pool.shutdown(wait=True)  # every in-flight future is now settled
+        pool = _new_pool(workers)
+        retried = deque()
+        for other, other_future in pending:
+            if other_future.cancelled() or other_future.exception() is not None:
+                other_future = Future()
+                other_future.set_result(alone(other))
+            retried.append((other, other_future))
+        pending.clear()
+        pending.extend(retried)
+        return alone(job)
+
     try:
-        pending = deque()
+        pending: deque = deque()
         for job in jobs:
-            pending.append(pool.submit(fn, job))
+            pending.append((job, pool.submit(fn, job)))
             if len(pending) >= window:
-                yield pending.popleft().result()
+                yield take(pending)
         while pending:
-            yield pending.popleft().result()
+            yield take(pending)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

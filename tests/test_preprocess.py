@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -431,6 +432,35 @@ def test_several_resolutions_with_worker_processes(tmp_path):
         assert len(samples) == 6
         assert {s["image"].size for s in samples.values()} == {(side, side)}
         assert read_manifest(folder / "train").resolution == side
+
+
+KILLER = png((1, 2, 3), size=(13, 7))  # the one file whose decode kills its worker process
+
+
+def decode_or_die(job: Job):
+    """``process_job``, except that ``KILLER`` kills the worker like the OOM killer would."""
+    import multiprocessing
+    import os
+    import signal
+
+    if job.data == KILLER and multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return process_job(job)
+
+
+def test_a_killed_decode_worker_skips_its_sample_and_the_build_goes_on(tmp_path, monkeypatch):
+    import preprocess.build as build_module
+
+    source = make_pngs(tmp_path / "src", 6)
+    (source / "003.png").write_bytes(KILLER)
+    monkeypatch.setattr(build_module, "process_job", decode_or_die)
+    cfg = config(shard_size=4, workers=2)
+    for _ in range(2):  # the re-run must not die on the same file either
+        out = tmp_path / "out"
+        report = build_shards(lambda: folder_samples(source), {8: out}, cfg, INFO)
+        assert report.splits["train"].skipped == Counter(decoder_crashed=1)
+        assert sorted(all_samples(out)) == ["000", "001", "002", "004", "005"]
+        shutil.rmtree(out)
 
 
 def test_cli_builds_and_reports(tmp_path, capsys):
