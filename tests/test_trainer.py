@@ -203,27 +203,119 @@ def test_adamw8bit_accumulation_matches_one_batch_of_twice_the_size(tmp_path, mo
         assert len(logged[0]) == 4 and logged[0] == pytest.approx(logged[1], rel=1e-4), key
 
 
-def test_sigterm_saves_at_the_step_boundary_and_resume_matches(tmp_path, reference):
+def start_toy(tmp_path: Path, *overrides: str, lines: int = 2) -> subprocess.Popen:
+    """The toy stage in a subprocess (SIGINT at its default, as in a terminal), once
+    ``lines`` loss calls are recorded."""
     (tmp_path / "configs" / "tiny").mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [sys.executable, str(TESTS / "toy_stage.py"), "--configs", str(tmp_path / "configs")]
-    command += ["--runs", str(tmp_path), "toy.sleep=0.25"]
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    command += ["--runs", str(tmp_path), *overrides]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen_file = tmp_path / "tiny/toy/seen.rank0.jsonl"
-    deadline = time.monotonic() + 60
-    while not (seen_file.exists() and len(seen_file.read_text().splitlines()) >= 2):
+    deadline = time.monotonic() + 180  # a busy 2-core machine starts torch slowly
+    while not (seen_file.exists() and len(seen_file.read_text().splitlines()) >= lines):
         assert process.poll() is None and time.monotonic() < deadline, "the run did not start"
         time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
+    return process
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=str)
+def test_a_stop_signal_saves_at_the_step_boundary_and_resume_matches(tmp_path, reference, sig):
+    """SIGTERM (preemption), a first Ctrl-C and SIGHUP (a closed terminal) all save after
+    the step they land in and exit 75; the resumed run equals an uninterrupted one."""
+    process = start_toy(tmp_path, "toy.sleep=0.25")
+    process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == EXIT_PREEMPTED, stderr
-    assert "SIGTERM" in stderr
+    assert sig.name in stderr
+    seen_file = tmp_path / "tiny/toy/seen.rank0.jsonl"
     done = [json.loads(line) for line in seen_file.read_text().splitlines()]
     assert max(checkpoints(tmp_path)) == len(done) < 8  # saved right after the step it was in
     code, stage = run(tmp_path)
     assert code == EXIT_OK
     assert_bitwise_equal(final_state(tmp_path), reference["state"])
     assert ids(done) + ids(stage.seen) == ids(reference["seen"])
+
+
+def test_a_second_ctrl_c_exits_130_without_saving(tmp_path):
+    """Both Ctrl-Cs land inside the third step (its loss sleeps 1.5 s): no checkpoint."""
+    process = start_toy(tmp_path, "toy.sleep=1.5")
+    time.sleep(0.3)  # into the third step's loss
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "second SIGINT" in stderr
+    assert checkpoints(tmp_path) == {}
+
+
+def test_wall_clock_saves_without_a_step_trigger(tmp_path, monkeypatch):
+    """ckpt.every_minutes=1 with a clock that advances 25 s per step: saves at steps 3 and 6
+    (75 s and 150 s), then the final one at 8; every_steps is off."""
+    import types
+
+    from stages.common import trainer as trainer_module
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    config = load_config(
+        ToyConfig, overrides=["ckpt.every_steps=0", "ckpt.every_minutes=1", "ckpt.keep_last=5"]
+    )
+    ctx = RunContext(tmp_path, "tiny", "toy")
+    stage = ToyStage(config, ctx)
+    loss = stage.loss
+
+    def slow_loss(modules, batch, step):
+        clock[0] += 25.0
+        return loss(modules, batch, step)
+
+    stage.loss = slow_loss
+    assert train(stage, ctx) == EXIT_OK
+    assert sorted(checkpoints(tmp_path)) == [3, 6, 8]
+
+
+def test_gradient_clipping_scales_the_gradient_to_the_max_norm_and_logs_the_norm_before(
+    tmp_path,
+):
+    """The gradient the optimizer applies is the raw one times grad_clip / its norm; the
+    logged grad_norm is the raw norm (same seeds, so both runs see the same raw gradient)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    applied: dict[str, list[torch.Tensor]] = {}
+    name = ["raw"]
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad.clone() for g in optimizer.param_groups for p in g["params"]]
+        applied[name[0]] = grads
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        code, _ = run(tmp_path / "raw", "train.max_steps=1", "train.grad_clip=0")
+        assert code == EXIT_OK
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        name[0] = "clipped"
+        code, _ = run(tmp_path / "clipped", "train.max_steps=1", "train.grad_clip=0.01")
+        assert code == EXIT_OK
+    finally:
+        handle.remove()
+    raw, clipped = applied["raw"], applied["clipped"]
+    norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in raw])))
+    assert norm > 0.1  # clipping to 0.01 does something
+    for r, c in zip(raw, clipped, strict=True):
+        torch.testing.assert_close(c, r * (0.01 / norm), rtol=1e-4, atol=1e-9)
+    for folder in ("raw", "clipped"):
+        (logged,) = [
+            m["grad_norm"] for m in read_metrics(tmp_path / folder / "tiny/toy/metrics.jsonl")
+        ]
+        assert logged == pytest.approx(norm, rel=1e-5), folder
 
 
 def test_an_inherited_ignored_sighup_stays_ignored(tmp_path):
