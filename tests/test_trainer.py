@@ -225,7 +225,9 @@ def start_toy(tmp_path: Path, *overrides: str, lines: int = 2) -> subprocess.Pop
     return process
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=str)
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name
+)
 def test_a_stop_signal_saves_at_the_step_boundary_and_resume_matches(tmp_path, reference, sig):
     """SIGTERM (preemption), a first Ctrl-C and SIGHUP (a closed terminal) all save after
     the step they land in and exit 75; the resumed run equals an uninterrupted one."""
