@@ -487,3 +487,34 @@ def test_fine_tuning_takes_the_exports_autoencoder(tiny_shards, tmp_path):
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_channels=16))
     with pytest.raises(ConfigError, match="model.base_channels"):
         VAEStage(other, RunContext(tmp_path / "runs", "test", "vae2")).init_weights(export)
+
+
+def test_a_training_step_reconstructs_the_augmented_batch(tiny_shards, tmp_path):
+    """Issue 15: augmentations exercised through the stage's training step: the network's
+    input and the loss's target are the same augmented images, not the batch as read."""
+    base = tiny_stage_config(tiny_shards)
+    cfg = dataclasses.replace(base, augment=AugmentConfig(hue=1.0, affine=1.0, degrees=20.0))
+    stage = VAEStage(cfg, RunContext(tmp_path / "runs", "test", "vae"))
+    torch.manual_seed(0)
+    modules = stage.build()
+    batch = next(iter(stage.train_loader(0, 1)))
+    seen: dict[str, torch.Tensor] = {}
+    encode = modules["vae"].encoder.forward
+
+    def spy_encoder(x):
+        seen["input"] = x.detach().clone()
+        return encode(x)
+
+    modules["vae"].encoder.forward = spy_encoder
+    loss_fn = stage.loss_fn
+
+    def spy_loss(x, recon, *args, **kwargs):
+        seen["target"] = x.detach().clone()
+        return loss_fn(x, recon, *args, **kwargs)
+
+    stage.loss_fn = spy_loss
+    stage.loss(modules, batch, step=0)["loss"].backward()
+    assert torch.equal(seen["input"], seen["target"])  # the target is the augmented input
+    assert (seen["input"] - batch["image"]).abs().amax(dim=(1, 2, 3)).gt(0.05).all()
+    plain = VAEStage(base, RunContext(tmp_path / "runs", "test", "vae2"))
+    assert plain.augment is None  # off by default: the batch as read
