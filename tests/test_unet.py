@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from learning import fixed_batch_losses
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -556,16 +557,5 @@ def test_the_stage_loss_learns_a_fixed_batch(exports, tiny_shards, tmp_path):
     torch.manual_seed(0)
     modules = stage.build()
     batch = next(iter(stage.train_loader(0, 1)))
-    optimizer = torch.optim.AdamW(modules["unet"].parameters(), lr=3e-3)
-
-    def fixed_loss() -> torch.Tensor:
-        torch.manual_seed(1)  # the same t, noise, posterior draw and dropout every time
-        return stage.loss(modules, batch, 0)["loss"]
-
-    before = fixed_loss().item()
-    for _ in range(40):
-        optimizer.zero_grad()
-        fixed_loss().backward()
-        optimizer.step()
-    after = fixed_loss().item()
+    before, after = fixed_batch_losses(stage, modules, batch)
     assert after < 0.5 * before, (before, after)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from exports import one_torch_thread, write_vae_export
+from learning import fixed_batch_losses
 from PIL import Image
 from safetensors.torch import load_file
 from synthetic import make_shards
@@ -550,17 +551,5 @@ def test_each_objective_learns_a_fixed_pixel_batch(kind, shards, tmp_path):
     torch.manual_seed(0)
     modules = stage.build()
     batch = next(iter(stage.train_loader(0, 1)))
-    params = [p for m in modules.values() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
-
-    def fixed_loss() -> torch.Tensor:
-        torch.manual_seed(1)
-        return stage.loss(modules, batch, 0)["loss"]
-
-    before = fixed_loss().item()
-    for _ in range(40):
-        optimizer.zero_grad()
-        fixed_loss().backward()
-        optimizer.step()
-    after = fixed_loss().item()
+    before, after = fixed_batch_losses(stage, modules, batch)
     assert after < 0.7 * before, (kind, before, after)
