@@ -34,6 +34,7 @@ from stages.common.probe import (
     ProbeConfig,
     Reference,
     find_references,
+    image_to_prompt_r1,
     judge_rates,
     text_probe,
 )
@@ -121,9 +122,7 @@ def evaluate_clip(
     metrics.update(text_probe(prompt_emb, probe))
     if references:
         emb = embedder(torch.stack([r.image for r in references]))
-        best = (emb @ prompt_emb.T).argmax(dim=1).tolist()
-        hits = [prompts[j] == r.prompt for j, r in zip(best, references)]
-        metrics["probe_i2t_r1"] = sum(hits) / len(hits)
+        metrics["probe_i2t_r1"] = image_to_prompt_r1(emb, prompt_emb, references, probe)
     return metrics
 
 
@@ -220,13 +219,14 @@ def evaluate(
     references = find_references(settings.data / "train", probe, settings.resolution)
     target = resolve_device(device)
     results: dict[str, dict[str, Any]] = {}
+    vae = load_vae(folders.vae, device=target) if {"vae", "clip"} & set(stages) else None
     for stage in stages:
         out = Path(getattr(folders, stage)).parent / "eval"
         if stage == "vae":
-            vae = load_vae(folders.vae, device=target)
+            assert vae is not None
             results[stage] = evaluate_vae(vae, settings, references, out)
         elif stage == "clip":
-            vae = load_vae(folders.vae, device=target)
+            assert vae is not None
             clip = load_clip(folders.clip, device=target, vae_hash=vae.hash)
             embedder = ImageEmbedder(clip, vae)
             results[stage] = evaluate_clip(clip, embedder, settings, probe, references)

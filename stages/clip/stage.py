@@ -44,7 +44,13 @@ from stages.common.ema import EMAConfig
 from stages.common.export import ExportError, check_upstream, load_tensors, read_export
 from stages.common.finetune import InitConfig, check_same_model, state_dicts_by_prefix
 from stages.common.optim import OptimConfig
-from stages.common.probe import ProbeConfig, Reference, find_references, text_probe
+from stages.common.probe import (
+    ProbeConfig,
+    Reference,
+    find_references,
+    image_to_prompt_r1,
+    text_probe,
+)
 from stages.common.run import claim_upstream
 from stages.common.stage import ResumableLoader, RunContext
 from stages.common.trainer import TrainConfig, unwrap
@@ -324,9 +330,7 @@ class CLIPStage:
         if self._references:
             images = torch.stack([r.image for r in self._references])
             image_emb = bare["image"](self.tower_inputs({"image": images}, device)).float()
-            best = (F.normalize(image_emb, dim=-1) @ text_emb.T).argmax(dim=1).tolist()
-            hits = [prompts[j] == r.prompt for j, r in zip(best, self._references)]
-            out["probe_i2t_r1"] = sum(hits) / len(hits)
+            out["probe_i2t_r1"] = image_to_prompt_r1(image_emb, text_emb, self._references, cfg)
         return out
 
     @torch.no_grad()

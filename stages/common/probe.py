@@ -208,3 +208,14 @@ def text_probe(embeddings: torch.Tensor, cfg: ProbeConfig) -> dict[str, float]:
         "probe_nn_same_object": sum(same_obj) / n,
         "probe_cos_attribute_only": sum(pairs) / max(len(pairs), 1),
     }
+
+
+def image_to_prompt_r1(
+    image_emb: torch.Tensor, prompt_emb: torch.Tensor, references: list[Reference], cfg: ProbeConfig
+) -> float:
+    """Share of the references whose own probe prompt is the nearest of ``cfg.prompts()``;
+    ``image_emb`` (R, E) of the references, ``prompt_emb`` (P, E) in prompt order."""
+    prompts = [p for p, _, _ in cfg.prompts()]
+    sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(prompt_emb.float(), dim=-1).T
+    best = sim.argmax(dim=1).tolist()
+    return sum(prompts[j] == r.prompt for j, r in zip(best, references)) / len(references)
