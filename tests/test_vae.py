@@ -22,6 +22,7 @@ from stages.common.export import ExportError
 from stages.common.stage import RunContext
 from stages.vae import loss as loss_module
 from stages.vae.augment import AugmentConfig, build_augment
+from stages.vae.colour import colour_covariance, whitening
 from stages.vae.discriminator import NLayerDiscriminator
 from stages.vae.export import load_vae, save_vae_export
 from stages.vae.loss import (
@@ -518,3 +519,70 @@ def test_a_training_step_reconstructs_the_augmented_batch(tiny_shards, tmp_path)
     assert (seen["input"] - batch["image"]).abs().amax(dim=(1, 2, 3)).gt(0.05).all()
     plain = VAEStage(base, RunContext(tmp_path / "runs", "test", "vae2"))
     assert plain.augment is None  # off by default: the batch as read
+
+
+def test_whitening_equalises_the_colour_directions():
+    """W cov W^T = lambda_max * I, so a loss on W (recon - x) weighs each colour direction
+    alike; a grey-only covariance is stretched by at most 10x."""
+    torch.manual_seed(0)
+    rotation, _ = torch.linalg.qr(
+        torch.tensor([[1.0, 0.2, 0.1], [0.9, 0.3, -0.1], [0.8, 0.1, 0.5]])
+    )
+    mixing = rotation @ torch.diag(torch.tensor([1.0, 0.3, 0.15]))  # variances 1, 0.09, 0.0225
+    images = torch.einsum("ij,bjhw->bihw", mixing, torch.randn(64, 3, 8, 8))
+    cov = colour_covariance(images)
+    torch.testing.assert_close(cov, torch.cov(images.permute(1, 0, 2, 3).reshape(3, -1)))
+    w = whitening(cov)
+    top = torch.linalg.eigvalsh(cov).max()
+    torch.testing.assert_close(w @ cov @ w.T, top * torch.eye(3), rtol=1e-4, atol=1e-4)
+    grey = torch.full((3, 3), 0.2) + 1e-9 * torch.eye(3)
+    assert torch.linalg.eigvalsh(whitening(grey)).max() <= 10.0 + 1e-4
+
+
+def test_whitened_loss_hears_the_weak_colour_direction():
+    """An error along the data's weakest colour direction costs as much as an error of the
+    same number of standard deviations along the strongest one."""
+    cov = torch.diag(torch.tensor([1.0, 0.1, 0.01]))
+    cfg = VAELossConfig(lpips_weight=0, discriminator=False, l1_weight=0, mse_weight=1)
+    posterior = random_posterior((2, 4, 2, 2))
+    x = torch.zeros(2, 3, 8, 8)
+    strong, weak = x.clone(), x.clone()
+    strong[:, 0] += 1.0  # one standard deviation along the strongest direction
+    weak[:, 2] += 0.1  # one along the weakest
+    with pytest.raises(ValueError, match="colour basis"):
+        VAELoss(dataclasses.replace(cfg, colour_whitening=True))
+    plain = VAELoss(cfg)
+    assert plain(x, weak, posterior, 0)["mse"] < 0.02 * plain(x, strong, posterior, 0)["mse"]
+    whitened = VAELoss(dataclasses.replace(cfg, colour_whitening=True), None, whitening(cov))
+    torch.testing.assert_close(
+        whitened(x, weak, posterior, 0)["mse"], whitened(x, strong, posterior, 0)["mse"]
+    )
+
+
+def test_input_basis_folds_into_the_export(tiny_shards, tmp_path):
+    """With loss.colour_whitening the encoder sees whitened colours; the export is a plain
+    VAE computing the same function, and fine-tuning from it unfolds the basis again."""
+    cfg = tiny_stage_config(tiny_shards, colour_whitening=True, l1_weight=0.0, mse_weight=1.0)
+    stage = VAEStage(cfg, RunContext(tmp_path / "runs", "test", "vae"))
+    basis = stage.colour_basis
+    assert basis is not None and not torch.allclose(basis, torch.eye(3))
+    torch.manual_seed(0)
+    modules = stage.build()
+    batch = next(iter(stage.train_loader(0, 1)))
+    stage.loss(modules, batch, step=0)["loss"].backward()
+    vae = modules["vae"]
+    assert "encoder.input_basis" not in vae.state_dict()  # measured again on resume
+    stage.export(modules, tmp_path / "export")
+    exported = load_vae(tmp_path / "export")
+    with torch.no_grad():
+        ours = vae.encode(batch["image"]).mean
+        theirs, _ = exported.encode(batch["image"])
+        plain = AutoencoderKL(cfg.model)
+        plain.load_state_dict(vae.state_dict())
+        unwhitened = plain.encode(batch["image"]).mean
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert (unwhitened - ours).abs().max() > 1e-3  # the basis did change the function
+    weights, _ = stage.init_weights(tmp_path / "export")
+    torch.testing.assert_close(
+        weights["vae"]["encoder.conv_in.weight"], vae.state_dict()["encoder.conv_in.weight"]
+    )

@@ -77,7 +77,7 @@ def save_vae_export(
     }
     if started_from is not None:
         info["init"] = dict(started_from)
-    return write_export(Path(folder), STAGE, vae.state_dict(), config, info=info)
+    return write_export(Path(folder), STAGE, vae.plain_state_dict(), config, info=info)
 
 
 @dataclass

@@ -4,6 +4,10 @@ All terms are per-pixel means, so the weights keep their CompVis meaning (whose 
 sums over pixels divided by the batch): ``kl`` is divided by the 3*H*W pixel values, hence
 ``kl_weight = 1e-6`` is the SD kl-f8 setting.
 
+- Pixel terms: L1 and/or MSE of ``recon - x``, measured in the data's whitened colour basis
+  when ``colour_whitening`` is on (``stages/vae/colour.py``: every colour direction weighs
+  alike instead of lightness first; the logged ``l1`` is then in that basis too).
+
 - Cyclical KL annealing (Fu et al. 2019, eq. 3): ``kl_anneal_steps`` are split into
   ``kl_cycles`` cycles; in each, beta ramps linearly 0 -> 1 over the first
   ``kl_ramp_fraction`` of the cycle and stays 1; after ``kl_anneal_steps`` beta = 1.
@@ -40,12 +44,15 @@ from stages.common.probe import to_lab
 from stages.common.shards import sha256_file
 from stages.common.trainer import unwrap
 
+from .colour import in_basis
 from .model import DiagonalGaussian
 
 
 @dataclass(frozen=True)
 class VAELossConfig:
     l1_weight: float = 1.0
+    mse_weight: float = 0.0
+    colour_whitening: bool = False  # pixel terms in the data's whitened colour basis (colour.py)
     chroma_weight: float = 0.0  # L1 of the CIELAB a*, b* difference / 100 (colour, not lightness)
     lpips_weight: float = 1.0  # 0 disables LPIPS: it is then not even built
     lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
@@ -168,8 +175,16 @@ def build_lpips(cfg: VAELossConfig, without: Sequence[str] = ("loss.lpips_weight
 class VAELoss:
     """Computes every term from a batch and the VAE's outputs; holds the frozen LPIPS."""
 
-    def __init__(self, cfg: VAELossConfig, lpips_net: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        cfg: VAELossConfig,
+        lpips_net: nn.Module | None = None,
+        colour_basis: torch.Tensor | None = None,
+    ) -> None:
+        if cfg.colour_whitening and colour_basis is None:
+            raise ValueError("loss.colour_whitening needs the data's colour basis (colour.py)")
         self.cfg = cfg
+        self.colour_basis = colour_basis if cfg.colour_whitening else None  # (3, 3)
         self.lpips = None
         if cfg.lpips_weight > 0:
             self.lpips = lpips_net if lpips_net is not None else build_lpips(cfg)
@@ -207,9 +222,16 @@ class VAELoss:
         discriminator is on. Returns {"loss": scalar to backprop, other terms detached}."""
         cfg = self.cfg
         pixels = x.shape[1] * x.shape[2] * x.shape[3]
-        l1 = (recon.float() - x.float()).abs().mean()
+        error = recon.float() - x.float()  # (B,3,H,W)
+        if self.colour_basis is not None:
+            error = in_basis(self.colour_basis, error)
+        l1 = error.abs().mean()
         nll = cfg.l1_weight * l1
         out: dict[str, torch.Tensor] = {"l1": l1.detach()}
+        if cfg.mse_weight > 0:
+            mse = error.square().mean()
+            nll = nll + cfg.mse_weight * mse
+            out["mse"] = mse.detach()
         if cfg.chroma_weight > 0:
             # L1 of CIELAB (a*, b*) / 100: the colour, apart from lightness. RGB L1 learns the
             # data's rare colour directions last (green-magenta in emoji: README).

@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from stages.common.config import ConfigError
 
+from .colour import in_basis
+
 
 @dataclass(frozen=True)
 class VAEModelConfig:
@@ -190,6 +192,10 @@ class Encoder(nn.Module):
         super().__init__()
         widths = [cfg.base_channels * m for m in cfg.channel_mult]
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        # A fixed (3, 3) colour basis the input is taken to before conv_in (set by the VAE
+        # stage under loss.colour_whitening, stages/vae/colour.py). Not saved: the stage
+        # measures it again on resume, and the export folds it into conv_in.
+        self.register_buffer("input_basis", None, persistent=False)
         blocks: list[nn.Module] = []
         ch = widths[0]
         for level, width in enumerate(widths):
@@ -204,6 +210,8 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_basis is not None:
+            x = in_basis(self.input_basis, x)
         h = _run(self.conv_in(x), self.down, self.mid)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -245,6 +253,23 @@ class AutoencoderKL(nn.Module):
     @property
     def factor(self) -> int:
         return self.config.factor
+
+    def set_input_basis(self, basis: torch.Tensor | None) -> None:
+        """Take every input pixel to the fixed (3, 3) colour ``basis`` before the encoder
+        (None: the identity); the EMA copy made afterwards carries it too."""
+        weight = self.encoder.conv_in.weight
+        self.encoder.input_basis = None if basis is None else basis.to(weight)
+
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict of the same function without an input basis: conv_in is linear and
+        zero-padded, so ``conv_in(W x) = conv_in'(x)`` with ``conv_in'.weight[o, c] =
+        sum_j weight[o, j] W[j, c]`` (exact up to rounding). Exports save this."""
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        basis = self.encoder.input_basis
+        if basis is not None:
+            weight = state["encoder.conv_in.weight"]  # (out, 3, k, k)
+            state["encoder.conv_in.weight"] = torch.einsum("ojhw,jc->ochw", weight, basis)
+        return state
 
     def _check(self, x: torch.Tensor) -> None:
         f = self.factor

@@ -38,6 +38,7 @@ from stages.common.stage import RunContext
 from stages.common.trainer import TrainConfig, unwrap
 
 from .augment import AugmentConfig, build_augment
+from .colour import colour_covariance, spread_images, whitening
 from .discriminator import NLayerDiscriminator
 from .evaluate import colours_kept, reconstruction_report, save_worst_grid
 from .export import save_vae_export
@@ -158,7 +159,13 @@ class VAEStage:
         lpips_net = None
         if config.loss.lpips_weight > 0:  # built (and checked) up front
             lpips_net = build_lpips(config.loss, without_lpips(config))
-        self.loss_fn = VAELoss(config.loss, lpips_net)
+        # Measured here, before any module exists, so every rank and every resume gets the
+        # same basis from the same images (colour.py).
+        self.colour_basis: torch.Tensor | None = None
+        if config.loss.colour_whitening:
+            images = spread_images(config.data.split_dir("train"), config.data.resolution)
+            self.colour_basis = whitening(colour_covariance(images))
+        self.loss_fn = VAELoss(config.loss, lpips_net, self.colour_basis)
         self.augment = build_augment(config.augment)
         self._preview_images: torch.Tensor | None = None
         self._references: list[Reference] | None = None
@@ -167,7 +174,9 @@ class VAEStage:
     # ------------------------------------------------------------------ training
 
     def build(self) -> dict[str, nn.Module]:
-        modules: dict[str, nn.Module] = {"vae": AutoencoderKL(self.config.model)}
+        vae = AutoencoderKL(self.config.model)
+        vae.set_input_basis(self.colour_basis)  # the encoder sees whitened colours too
+        modules: dict[str, nn.Module] = {"vae": vae}
         if self.config.loss.discriminator:
             cfg = self.config.loss
             modules["disc"] = NLayerDiscriminator(
@@ -184,7 +193,12 @@ class VAEStage:
 
         recorded = manifest.get("info", {}).get("model", {})
         check_same_model(arch(recorded), arch(to_dict(self.config.model)), folder)
-        return {"vae": load_tensors(folder)}, manifest["hash"]
+        state = load_tensors(folder)
+        if self.colour_basis is not None:  # exports are plain: unfold the basis from conv_in
+            weight = state["encoder.conv_in.weight"]  # (out, 3, k, k)
+            inverse = torch.linalg.inv(self.colour_basis.double()).to(weight)
+            state["encoder.conv_in.weight"] = torch.einsum("ojhw,jc->ochw", weight, inverse)
+        return {"vae": state}, manifest["hash"]
 
     def train_loader(self, rank: int, world_size: int) -> ShardLoader:
         return ShardLoader.from_config(
