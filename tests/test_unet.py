@@ -18,14 +18,15 @@ from safetensors.torch import load_file
 from stages.clip.export import TextCondition, build_clip_modules, load_clip, save_clip_export
 from stages.clip.model import CLIPModelConfig, ImageTowerConfig, TextEncoderConfig
 from stages.clip.tokenizer import train_tokenizer
+from stages.common.cache import CachedRows
 from stages.common.cli import run_stage
 from stages.common.config import CONFIGS_DIR, ConfigError, load_config
 from stages.common.data import iter_split
 from stages.common.export import ExportError
 from stages.common.finetune import InitConfig
 from stages.common.stage import RunContext
-from stages.unet import cache as cache_module
-from stages.unet.cache import CacheConfig, CachedLatents, encode_batch, ensure_cache
+from stages.unet import stage as stage_module
+from stages.unet.encode import encode_batch, latents_and_condition
 from stages.unet.evaluate import clip_score, frechet_distance
 from stages.unet.export import load_unet
 from stages.unet.model import SpatialTransformer, UNet, UNetConfig, count_parameters
@@ -242,7 +243,7 @@ def test_unet_sees_latents_normalised_by_the_vae_exports_statistics(tmp_path):
         "mask": torch.ones(3, 2, dtype=torch.bool),
         "pooled": torch.zeros(3, 8),
     }
-    x0, cond = cache_module.latents_and_condition(batch, vae, torch.device("cpu"))
+    x0, cond = latents_and_condition(batch, vae, torch.device("cpu"))
     torch.testing.assert_close(x0, by_hand)
     assert isinstance(cond, TextCondition) and cond.tokens.shape == (3, 2, 8)
 
@@ -306,56 +307,48 @@ def stage_config(shards: Path, **train) -> UNetStageConfig:
 # ------------------------------------------------------------------------------ cache
 
 
-def test_cache_hit_miss_and_stale(exports, tiny_shards, tmp_path, monkeypatch):
-    vae = load_vae(exports / "tiny" / "vae" / "export")
-    clip = load_clip(exports / "tiny" / "clip" / "export")
-    builds = []
-    real_build = cache_module.build_cache
+def test_cache_holds_the_on_the_fly_encoding_and_follows_the_exports(
+    exports, tiny_shards, tmp_path, monkeypatch
+):
+    """The stage's encode function in the shared cache (stages/common/cache.py, tested on
+    its own in test_cache.py): same values as on the fly, rebuilt for another VAE export."""
+    runs = copy_runs(exports, tmp_path)
+    encoded = []
+    real = stage_module.encode_batch
     monkeypatch.setattr(
-        cache_module, "build_cache", lambda *a, **k: builds.append(1) or real_build(*a, **k)
+        stage_module, "encode_batch", lambda *a, **k: encoded.append(len(a[3])) or real(*a, **k)
     )
-    root, train_dir, cfg = tmp_path / "cache", tiny_shards / "train", CacheConfig(shard_size=40)
-    folder, index = ensure_cache(root, vae, clip, train_dir, 16, cfg)
-    assert len(builds) == 1 and index["num_samples"] == 96 and len(index["shards"]) == 3
-    assert index["latent_shape"] == [4, 8, 8]
+    ctx = RunContext(runs, "tiny", "unet")
+    stage = UNetStage(stage_config(tiny_shards), ctx)
+    loader = stage.train_loader(0, 1)
+    rows = loader.dataset
+    assert isinstance(rows, CachedRows) and len(rows) == 96 and sum(encoded) == 96
+    (folder,) = (ctx.run_dir / "cache").iterdir()
+    assert len(list(folder.glob("*.safetensors"))) == 3  # shard_size 40
 
-    # The cache holds what on-the-fly encoding computes (text in fp16).
-    dataset = CachedLatents(folder, index)
-    batch = next(iter_split(train_dir, 8, 16))
-    fresh = encode_batch(vae, clip, batch["image"], batch["caption"])
-    cached = dataset.__getitems__(list(range(8)))
-    assert dataset.keys[:8] == batch["key"]
+    batch = next(iter_split(tiny_shards / "train", 8, 16))
+    fresh = encode_batch(stage.vae, stage.clip, batch["image"], batch["caption"])
+    cached = rows.__getitems__(list(range(8)))
+    assert cached["key"] == batch["key"] and cached["caption"] == batch["caption"]
     torch.testing.assert_close(cached["latent_mean"], fresh["latent_mean"])
     torch.testing.assert_close(cached["latent_std"], fresh["latent_std"])
+    assert cached["tokens"].dtype == torch.float16  # cache.text_dtype
     torch.testing.assert_close(cached["tokens"].float(), fresh["tokens"], atol=2e-3, rtol=2e-3)
     assert torch.equal(cached["mask"], fresh["mask"])
 
-    # Hit: same inputs, nothing rebuilt.
-    assert ensure_cache(root, vae, clip, train_dir, 16, cfg)[0] == folder and len(builds) == 1
+    stage.train_loader(0, 1)  # a hit: nothing encoded again
+    assert sum(encoded) == 96
 
-    # Stale: a flipped byte in a shard, then a missing shard, are detected and rebuilt.
-    shard = folder / index["shards"][1]["name"]
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    ensure_cache(root, vae, clip, train_dir, 16, cfg)
-    assert len(builds) == 2 and cache_module.verify_cache(folder, folder.name)
-    (folder / index["shards"][2]["name"]).unlink()
-    ensure_cache(root, vae, clip, train_dir, 16, cfg)
-    assert len(builds) == 3 and (folder / index["shards"][2]["name"]).exists()
-
-    # Miss: another VAE export gives another key; the stale folder goes away.
-    build_vae_export(tmp_path / "vae2" / "export", seed=1)
-    other_vae = load_vae(tmp_path / "vae2" / "export")
-    assert other_vae.hash != vae.hash
-    other, _ = ensure_cache(root, other_vae, clip, train_dir, 16, cfg)
-    assert other != folder and len(builds) == 4
-    assert sorted(p.name for p in root.iterdir()) == [other.name]
-    # ...and so does another resolution or storage dtype.
-    third, _ = ensure_cache(
-        root, other_vae, clip, train_dir, 16, replace(cfg, text_dtype="float32")
-    )
-    assert third != other and len(builds) == 5
+    # Another VAE export: another key, encoded anew; the stale folder goes away.
+    shutil.rmtree(runs / "tiny" / "vae" / "export")
+    build_vae_export(runs / "tiny" / "vae" / "export", seed=1)
+    shutil.rmtree(runs / "tiny" / "clip" / "export")
+    vae_hash = load_vae(runs / "tiny" / "vae" / "export").hash
+    build_clip_export(runs / "tiny" / "clip" / "export", tiny_shards, vae_hash)
+    UNetStage(stage_config(tiny_shards), ctx).train_loader(0, 1)
+    assert sum(encoded) == 192
+    (other,) = (ctx.run_dir / "cache").iterdir()
+    assert other.name != folder.name
 
 
 # --------------------------------------------------------------------------- contract

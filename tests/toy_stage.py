@@ -8,6 +8,11 @@ tensors, and hooks that make failures happen on purpose.
   that forgot a random state would not be bitwise equal.
 - ``toy.nan_batches`` poisons batches with NaN; ``toy.crash_at_batch`` raises ``ToyCrash``
   (a kill without any saving); ``toy.sleep`` slows steps so a signal can land mid-run.
+- ``toy.source = "cache"`` trains on the shared encode-once cache (``stages.common.cache``)
+  of a colour summary of each image, built by every rank in parallel; ``"cache_ram"`` reads
+  the same rows from one in-memory copy (the old in-RAM caches' path), for comparison.
+  Each encoded batch's keys go to ``encoded.rank<r>.jsonl``; ``toy.kill_encoding_rank``
+  makes that rank die (``os._exit``) after its first encoded cache shard.
 - Every loss call appends ``{"step", "ids", "weights"}`` (sample ids and a digest of the net)
   to ``seen.rank<r>.jsonl`` in the run folder and to ``stage.seen``.
 
@@ -29,9 +34,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from stages.common.cache import CacheConfig, CachedRows, cached_batches, ensure_cache
 from stages.common.checkpoint import CheckpointConfig
 from stages.common.cli import run_stage
-from stages.common.data import DataConfig, ShardLoader
+from stages.common.data import DataConfig, ResumableBatches, ShardLoader
 from stages.common.ema import EMAConfig
 from stages.common.finetune import InitConfig
 from stages.common.optim import OptimConfig
@@ -49,7 +55,8 @@ class ToyCrash(RuntimeError):
 @dataclass(frozen=True)
 class ToyModelConfig:
     width: int = 16  # 64 makes the hidden layer 4096 elements: 8-bit optimizer state
-    source: Literal["random", "shards"] = "random"
+    source: Literal["random", "shards", "cache", "cache_ram"] = "random"
+    kill_encoding_rank: int = -1  # this rank dies after writing its first cache shard
     nan_batches: tuple[int, ...] = ()  # batch indices whose inputs are NaN
     crash_at_batch: int = -1  # raise ToyCrash when this batch reaches the loss
     sleep: float = 0.0  # seconds per loss call
@@ -71,6 +78,7 @@ class ToyConfig:
         default_factory=lambda: CheckpointConfig(every_steps=4, every_minutes=0, keep_last=2)
     )
     init: InitConfig = field(default_factory=InitConfig)
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(shard_size=16, batch_size=8))
     toy: ToyModelConfig = field(default_factory=ToyModelConfig)
 
 
@@ -126,6 +134,44 @@ class RandomBatches:
         self.index = int(state["index"])
 
 
+def colour_summary(images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, R, R) -> (B, 8): the mean colour of the top and bottom halves, twice."""
+    pooled = torch.nn.functional.adaptive_avg_pool2d(images, (2, 1)).flatten(1)
+    return torch.cat([pooled, pooled], dim=1)[:, :DIM]
+
+
+class InMemoryRows(torch.utils.data.Dataset):
+    """Every row of a cache held in RAM, gathered per batch (what the old caches did)."""
+
+    def __init__(self, rows: CachedRows):
+        batch = rows.__getitems__(list(range(len(rows))))
+        self.x, self.keys = batch["x"].clone(), list(batch["key"])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        return {"x": self.x[rows], "key": [self.keys[i] for i in indices]}
+
+
+class ToyEncoder:
+    """The toy's encode function: records what it encoded, dies on request."""
+
+    def __init__(self, run_dir: Path, rank: int, kill: bool):
+        self.path = run_dir / f"encoded.rank{rank}.jsonl"
+        self.kill, self.shards_seen = kill, set()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        shard = int(batch["key"][0][-6:]) // 16  # tiny_shards keys: train000042
+        if self.kill and self.shards_seen and shard not in self.shards_seen:
+            os._exit(9)  # its first shard is committed, the second one only begun
+        self.shards_seen.add(shard)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(batch["key"]) + "\n")
+        return {"x": colour_summary(batch["image"])}
+
+
 def digest(module: nn.Module) -> str:
     sha = hashlib.sha256()
     for value in unwrap(module).state_dict().values():
@@ -155,12 +201,37 @@ class ToyStage:
             return ShardLoader.from_config(
                 cfg.data, "train", seed=cfg.train.seed, rank=rank, world_size=world_size
             )
+        if cfg.toy.source in ("cache", "cache_ram"):
+            encode = ToyEncoder(self.ctx.run_dir, rank, cfg.toy.kill_encoding_rank == rank)
+            split = cfg.data.split_dir("train")
+            rows = ensure_cache(
+                self.ctx.run_dir / "cache",
+                {"encoder": "toy"},
+                encode,
+                split,
+                cfg.data.resolution,
+                cfg.cache,
+                rank,
+                world_size,
+            )
+            if cfg.toy.source == "cache":
+                return cached_batches(rows, cfg.data.batch_size, cfg.train.seed, rank, world_size)
+            return ResumableBatches(
+                InMemoryRows(rows),
+                cfg.data.batch_size,
+                seed=cfg.train.seed,
+                rank=rank,
+                world_size=world_size,
+                collate_fn=lambda batch: batch,
+            )
         return RandomBatches(cfg.train.seed, rank, cfg.data.batch_size, cfg.toy.nan_batches)
 
     def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list]:
         if self.config.toy.source == "shards":
-            pooled = torch.nn.functional.adaptive_avg_pool2d(batch["image"], (2, 1)).flatten(1)
-            x = torch.cat([pooled, pooled], dim=1)[:, :DIM]  # (B, 8) colour summary
+            x = colour_summary(batch["image"])
+            return x, torch.zeros(len(x), dtype=torch.long), list(batch["key"])
+        if self.config.toy.source in ("cache", "cache_ram"):
+            x = batch["x"]
             return x, torch.zeros(len(x), dtype=torch.long), list(batch["key"])
         return batch["x"], batch["label"], batch["ids"].tolist()
 

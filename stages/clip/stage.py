@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.common.cache import CacheConfig, cached_batches, ensure_cache
 from stages.common.captions import CaptionAugmentConfig, augment_captions
 from stages.common.checkpoint import CheckpointConfig
 from stages.common.config import to_dict
@@ -51,18 +52,11 @@ from stages.common.probe import (
     image_to_prompt_r1,
     text_probe,
 )
-from stages.common.run import claim_upstream
+from stages.common.run import claim_upstream, is_main_process, wait_for_file
 from stages.common.stage import ResumableLoader, RunContext
 from stages.common.trainer import TrainConfig, unwrap
 from stages.vae.export import LoadedVAE, load_vae
 
-from .cache import (
-    LatentCacheConfig,
-    cached_loader,
-    ensure_latent_cache,
-    is_main_process,
-    wait_for_file,
-)
 from .export import build_clip_modules, save_clip_export
 from .loss import LogitScale, LossConfig, caption_groups, contrastive_loss
 from .model import CLIPModelConfig, ImageTower, TextEncoder
@@ -86,6 +80,16 @@ class ValConfig:
     preview_images: int = 8  # val images whose top-1 caption the preview lists
     preview_candidates: int = 64  # captions they are matched against
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # attribute x object prompts
+
+
+@dataclass(frozen=True)
+class LatentCacheConfig(CacheConfig):
+    """The train split's normalised VAE posterior means, encoded once (the frozen VAE and
+    unaugmented images give the tower the same input every epoch; on a CPU encoding each
+    batch again costs more than the CLIP step). Off by default."""
+
+    enabled: bool = False
+    batch_size: int = 256
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ def prepare_tokenizer(run_dir: Path, config: CLIPConfig) -> CLIPTokenizer:
             os.replace(tmp, path)
             log.info("took the tokenizer of %s", source)
         elif is_main_process():
-            train_dir = Path(config.data.path) / "train"
+            train_dir = config.data.split_dir("train")
             captions = read_captions(train_dir, config.tokenizer.max_captions)
             tokenizer = train_tokenizer(
                 captions, config.tokenizer.vocab_size, context, config.tokenizer.min_frequency
@@ -245,14 +249,24 @@ class CLIPStage:
     def train_loader(self, rank: int, world_size: int) -> ResumableLoader:
         cfg = self.config
         if cfg.cache.enabled and self.vae is not None:
-            data = ensure_latent_cache(
-                self.ctx.run_dir,
-                self.vae,
-                Path(cfg.data.path) / "train",
+            vae = self.vae
+
+            def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+                mean, _ = vae.encode(batch["image"])  # the posterior mean: deterministic
+                return {"latent": vae.normalize(mean)}
+
+            rows = ensure_cache(
+                self.ctx.run_dir / "cache",
+                {"encoder": "clip/1", "vae": vae.hash},
+                encode,
+                cfg.data.split_dir("train"),
                 cfg.data.resolution,
-                cfg.cache.batch_size,
+                cfg.cache,
+                rank,
+                world_size,
+                num_workers=cfg.data.num_workers,
             )
-            return cached_loader(data, cfg.data.batch_size, cfg.train.seed, rank, world_size)
+            return cached_batches(rows, cfg.data.batch_size, cfg.train.seed, rank, world_size)
         return ShardLoader.from_config(
             cfg.data, "train", seed=cfg.train.seed, rank=rank, world_size=world_size
         )
@@ -299,7 +313,7 @@ class CLIPStage:
         bare = {name: unwrap(m) for name, m in modules.items()}
         images, texts, labels = [], [], []
         class_of: dict[tuple[int, ...], int] = {}  # token sequence -> class id
-        val_dir = Path(self.config.data.path) / "val"
+        val_dir = self.config.data.split_dir("val")
         for batch in iter_split(val_dir, self.config.val.batch_size, self.config.data.resolution):
             image_emb, text_emb = self._embed(bare, batch)
             images.append(image_emb.cpu())
@@ -325,7 +339,7 @@ class CLIPStage:
         )
         out = text_probe(text_emb.cpu(), cfg)
         if self._references is None:
-            train_dir = Path(self.config.data.path) / "train"
+            train_dir = self.config.data.split_dir("train")
             self._references = find_references(train_dir, cfg, self.config.data.resolution)
         if self._references:
             images = torch.stack([r.image for r in self._references])
@@ -337,7 +351,7 @@ class CLIPStage:
     def preview(self, modules: dict[str, dict[str, nn.Module]], step: int, folder: Path) -> None:
         """A JSON of the top-1 caption (among the first val captions) of a few val images."""
         val = self.config.val
-        val_dir = Path(self.config.data.path) / "val"
+        val_dir = self.config.data.split_dir("val")
         batch = next(iter_split(val_dir, val.preview_candidates, self.config.data.resolution))
         captions = batch["caption"]
         shown = min(val.preview_images, len(captions))

@@ -559,17 +559,34 @@ def iter_split(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if world_size <= 0 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    total = len(load_index(split_dir))
+    chunk = -(-total // world_size)
+    mine = range(rank * chunk, min(total, (rank + 1) * chunk))
+    yield from iter_rows(split_dir, mine, batch_size, resolution, num_workers)
+
+
+def iter_rows(
+    split_dir: str | os.PathLike,
+    rows: range,
+    batch_size: int,
+    resolution: int,
+    num_workers: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """The samples ``rows`` of a split in order, in batches of the form of ``ShardLoader``'s
+    (an all-corrupt batch is not yielded: its count goes with the next one)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not rows:
+        return
     dataset = ShardDataset(load_index(split_dir), resolution)
-    chunk = -(-len(dataset) // world_size)
-    mine = range(rank * chunk, min(len(dataset), (rank + 1) * chunk))
-    batches = [list(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
+    batches = [list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=functools.partial(collate_samples, resolution=resolution),
     )
-    carried = 0  # an all-corrupt batch is not yielded; its count goes with the next one
+    carried = 0
     for batch in loader:
         if not batch["key"]:
             carried += batch["skipped"]

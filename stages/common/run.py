@@ -105,8 +105,17 @@ def recorded_upstream(run_dir: Path) -> dict[str, str] | None:
     return None
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_file(path: Path, timeout_s: float = 3600.0) -> None:
+    """Block a non-main rank until the main process has committed ``path``."""
+    deadline = time.monotonic() + timeout_s
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the main process did not write {path} within {timeout_s:.0f} s")
+        time.sleep(1.0)
 
 
 def claim_upstream(run_dir: Path, hashes: dict[str, str], timeout_s: float = 600.0) -> Path | None:
@@ -116,7 +125,7 @@ def claim_upstream(run_dir: Path, hashes: dict[str, str], timeout_s: float = 600
     process moves and writes; the other ranks wait until the record matches.
     """
     run_dir = Path(run_dir)
-    if not _is_main_process():
+    if not is_main_process():
         deadline = time.monotonic() + timeout_s
         while _read_json(run_dir / UPSTREAM_FILE) != hashes:
             if time.monotonic() > deadline:

@@ -2,8 +2,9 @@
 
 The stage loads the VAE and CLIP exports (refusing a CLIP export trained on another VAE),
 resolves the network's input channels, context width and latent side from them, and holds
-them frozen. Training reads the latent cache (``cache.py``) or, with ``cache.enabled =
-false``, encodes each batch on the fly with the same maths. With ``captions.enabled`` the
+them frozen. Training reads the shared latent cache (``stages/common/cache.py``, filled by
+``encode.py``'s function) or, with ``cache.enabled = false``, encodes each batch on the fly
+with the same maths. With ``captions.enabled`` the
 captions are rewritten each step (the name alone, fewer tags, no style: as people type
 them) and the text is encoded on the fly from the cache's captions.
 
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from stages.clip.export import LoadedCLIP, load_clip
+from stages.common.cache import cached_batches, ensure_cache
 from stages.common.captions import CaptionAugmentConfig, augment_captions
 from stages.common.checkpoint import CheckpointConfig
 from stages.common.config import ConfigError, to_dict
@@ -53,14 +55,7 @@ from stages.common.stage import RunContext
 from stages.common.trainer import TrainConfig, unwrap
 from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
 
-from .cache import (
-    CacheConfig,
-    CachedLatents,
-    collate_cached,
-    encode_batch,
-    ensure_cache,
-    latents_and_condition,
-)
+from .encode import UNetCacheConfig, encode_batch, latents_and_condition
 from .evaluate import EvalConfig, Evaluator, ImageEmbedder, describe
 from .export import InputsConfig
 from .model import UNet, UNetConfig, count_parameters
@@ -81,7 +76,7 @@ class UNetStageConfig:
     model: UNetConfig = field(default_factory=UNetConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
+    cache: UNetCacheConfig = field(default_factory=UNetCacheConfig)
     sample: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
@@ -194,7 +189,7 @@ class UNetStage:
                 self.vae,
                 self.clip,
                 embedder,
-                Path(cfg.data.path) / "val",
+                cfg.data.split_dir("val"),
                 cfg.data.resolution,
                 cfg.eval,
                 cfg.sample,
@@ -251,24 +246,32 @@ class UNetStage:
         seed = cfg.train.seed
         if not self.uses_cache:
             return ShardLoader.from_config(cfg.data, "train", seed, rank, world_size)
-        split_dir = Path(cfg.data.path) / "train"
-        root = self.ctx.run_dir / "cache"
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        args = (root, self.vae, self.clip, split_dir, cfg.data.resolution, cfg.cache)
-        if rank == 0:
-            folder, index = ensure_cache(*args, num_workers=cfg.data.num_workers)
-        if distributed:
-            torch.distributed.barrier()  # rank 0 has built (or verified) the cache
-        if rank != 0:
-            folder, index = ensure_cache(*args, build=False)
-        return ResumableBatches(
-            CachedLatents(folder, index),
-            cfg.data.batch_size,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
+        text_dtype = getattr(torch, cfg.cache.text_dtype)
+        vae, clip = self.vae, self.clip
+
+        def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            return encode_batch(vae, clip, batch["image"], batch["caption"], text_dtype)
+
+        parts = {"encoder": "unet/1", "vae": vae.hash, "clip": clip.hash}
+        parts["text_dtype"] = cfg.cache.text_dtype
+        rows = ensure_cache(
+            self.ctx.run_dir / "cache",
+            parts,
+            encode,
+            cfg.data.split_dir("train"),
+            cfg.data.resolution,
+            cfg.cache,
+            rank,
+            world_size,
             num_workers=cfg.data.num_workers,
-            collate_fn=collate_cached,
+        )
+        return cached_batches(
+            rows,
+            cfg.data.batch_size,
+            seed,
+            rank,
+            world_size,
+            num_workers=cfg.data.num_workers,
             pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
         )
 
