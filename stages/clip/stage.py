@@ -190,7 +190,8 @@ class CLIPStage:
 
     name = "clip"
     best_metric = ("mean_recall", "max")
-    resume_safe_keys = ("val.*", "cache.batch_size")  # change no training computation
+    # Change no training computation (a cache shard holds fixed rows; the order is the same).
+    resume_safe_keys = ("val.*", "cache.batch_size", "cache.shard_size")
 
     def __init__(self, config: CLIPConfig, ctx: RunContext):
         self.config = config

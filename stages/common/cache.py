@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from .data import ResumableBatches, iter_rows, load_index
-from .shards import fsync_path, manifest_digest, sha256_file, write_json_atomic
+from .shards import digest_of, fsync_path, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,8 @@ def ensure_cache(
     num_workers: int = 0,
 ) -> CachedRows:
     """The verified cache of these inputs, built in parallel by every rank where needed."""
-    parts = {**parts, "shards": manifest_digest(split_dir), "resolution": resolution}
+    manifest = load_index(split_dir).manifest
+    parts = {**parts, "shards": digest_of(manifest), "resolution": resolution}
     parts["shard_size"] = cfg.shard_size  # which rows a shard holds
     folder = Path(root) / cache_key(parts)
     index = build_cache(

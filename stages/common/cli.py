@@ -94,6 +94,9 @@ def run_stage(
     if args.dry_run:
         print(dumps(config))
         return EXIT_OK
+    data = getattr(config, "data", None)
+    if hasattr(data, "configure_remote"):
+        data.configure_remote()  # where remote shards are kept, before anything reads data
     state = PartialState(cpu=force_cpu())  # the device and rank, before the stage is built
     setup_console_logging(state.is_main_process)
     ctx = RunContext(Path(args.runs), args.preset, name, state.device)

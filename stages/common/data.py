@@ -38,7 +38,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from . import remote
 from .images import SHARD_FORMATS, open_image, pixel_cap
+from .remote import RemoteIndex, ShardUnavailable, is_remote
 from .shards import IMAGE_EXTENSIONS, ManifestError, ShardManifest, read_manifest
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,20 @@ class DataConfig:
     batch_size: int = 16  # per rank, per micro-step
     num_workers: int = 0
     pin_memory: bool = False  # page-locked batches for faster host-to-GPU copies
+    # Remote data (``path`` an fsspec URL or a list file of shard URLs, see remote.py):
+    shard_cache: str = ""  # local folder for fetched shards ("" = ~/.cache/minisd/shards)
+    shard_cache_gb: float = 20.0  # its size limit (least recently used shards deleted)
+    prefetch_shards: int = 8  # batches ahead of the reader whose shards are fetched
 
-    def split_dir(self, split: str) -> Path:
+    def split_dir(self, split: str) -> Path | str:
+        """Where a split lies: a folder, or for remote data what ``load_index`` takes."""
+        if is_remote(self.path):
+            return remote.split_location(self.path, split)
         return Path(self.path) / split
+
+    def configure_remote(self) -> None:
+        """This process's shard cache (one per process: every reader of it shares it)."""
+        remote.configure(self.shard_cache, self.shard_cache_gb, self.prefetch_shards)
 
 
 # ---------------------------------------------------------------------------- the index
@@ -81,6 +94,9 @@ class ShardIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def local_path(self, shard: int) -> str:
+        return self.shard_paths[shard]
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -150,11 +166,18 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 _INDEX_CACHE: dict[str, tuple[tuple[tuple[int, int], ...], ShardIndex]] = {}
+_REMOTE_INDEX: dict[str, RemoteIndex] = {}  # remote shards are immutable (sha256-checked)
 
 
-def load_index(split_dir: str | os.PathLike) -> ShardIndex:
+def load_index(split_dir: str | os.PathLike) -> ShardIndex | RemoteIndex:
     """The index of a split folder, built once per process and rebuilt only if the manifest
-    or a shard changed on disk (checked by a stat of each, no read)."""
+    or a shard changed on disk (checked by a stat of each, no read). A remote split (a URL,
+    or a list file + split) gets a ``RemoteIndex``: its manifest is read, no shard fetched."""
+    if is_remote(split_dir):
+        key = str(split_dir)
+        if key not in _REMOTE_INDEX:
+            _REMOTE_INDEX[key] = RemoteIndex(remote.open_split(key), _index_shard)
+        return _REMOTE_INDEX[key]
     folder = Path(split_dir).resolve()
     if not folder.is_dir():
         raise ManifestError(f"split folder {folder} does not exist: {BUILD_HINT}")
@@ -215,10 +238,6 @@ class CorruptSample(ValueError):
     """A sample that cannot be used; the reason becomes part of the skip marker."""
 
 
-class ShardUnavailable(RuntimeError):
-    """A shard file cannot be opened: an error of the data set, not a sample to skip."""
-
-
 class ShardDataset(Dataset):
     """Map-style view of a split: ``ds[i]`` reads and decodes sample ``i`` only.
 
@@ -226,7 +245,7 @@ class ShardDataset(Dataset):
     ``{"key", "error"}`` that ``collate_samples`` drops and counts.
     """
 
-    def __init__(self, index: ShardIndex, resolution: int):
+    def __init__(self, index: ShardIndex | RemoteIndex, resolution: int):
         if resolution <= 0:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
         self.index = index
@@ -257,11 +276,16 @@ class ShardDataset(Dataset):
             return fd
         while len(self._files) >= max(1, MAX_OPEN_SHARDS):
             os.close(self._files.popitem(last=False)[1])
-        path = self.index.shard_paths[shard]
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as err:
-            raise ShardUnavailable(f"cannot open shard {path}: {err}") from err
+        for attempt in range(2):  # a fetched shard may be evicted before it is opened
+            path = self.index.local_path(shard)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                break
+            except FileNotFoundError as err:
+                if attempt or not isinstance(self.index, RemoteIndex):
+                    raise ShardUnavailable(f"cannot open shard {path}: {err}") from err
+            except OSError as err:
+                raise ShardUnavailable(f"cannot open shard {path}: {err}") from err
         self._files[shard] = fd
         return fd
 
@@ -338,14 +362,28 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class StreamBatchSampler:
-    """Infinite batch sampler: rank ``rank``'s slice of each global batch, from ``start``."""
+    """Infinite batch sampler: rank ``rank``'s slice of each global batch, from ``start``.
+
+    ``lookahead(indices)``, when given, is told the samples of the batch ``ahead`` batches
+    past the one being yielded (remote shards are prefetched from it); it never changes
+    what is yielded."""
 
     def __init__(
-        self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int, start: int
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        start: int,
+        lookahead: Callable[[list[int]], None] | None = None,
+        ahead: int = 0,
     ):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.rank, self.world_size, self.start = rank, world_size, start
+        self.lookahead, self.ahead = lookahead, ahead
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+        self._previous: tuple[int, torch.Tensor] | None = None  # lookahead crosses epochs
 
     def positions(self, begin: int, end: int) -> list[int]:
         """Dataset indices at stream positions [begin, end), crossing epochs as needed."""
@@ -353,10 +391,13 @@ class StreamBatchSampler:
         while begin < end:
             epoch, offset = divmod(begin, self.num_samples)
             if epoch != self._epoch:
-                self._epoch, self._perm = (
-                    epoch,
-                    epoch_permutation(self.num_samples, self.seed, epoch),
-                )
+                kept = self._previous
+                self._previous = (self._epoch, self._perm)
+                if kept is not None and kept[0] == epoch:
+                    self._epoch, self._perm = kept
+                else:
+                    perm = epoch_permutation(self.num_samples, self.seed, epoch)
+                    self._epoch, self._perm = epoch, perm
             take = min(end - begin, self.num_samples - offset)
             out += self._perm[offset : offset + take].tolist()
             begin += take
@@ -365,8 +406,16 @@ class StreamBatchSampler:
     def __iter__(self) -> Iterator[list[int]]:
         global_batch = self.batch_size * self.world_size
         begin = self.start + self.rank * self.batch_size
+        if self.lookahead is not None:
+            for k in range(self.ahead):  # the first batches: from the start
+                at = begin + k * global_batch
+                self.lookahead(self.positions(at, at + self.batch_size))
         while True:
-            yield self.positions(begin, begin + self.batch_size)
+            batch = self.positions(begin, begin + self.batch_size)
+            if self.lookahead is not None and self.ahead:
+                at = begin + self.ahead * global_batch
+                self.lookahead(self.positions(at, at + self.batch_size))
+            yield batch
             begin += global_batch
 
 
@@ -388,6 +437,8 @@ class ResumableBatches:
         num_workers: int = 0,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         pin_memory: bool = False,
+        lookahead: Callable[[list[int]], None] | None = None,
+        ahead: int = 0,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -401,6 +452,7 @@ class ResumableBatches:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.collate_fn, self.pin_memory = collate_fn, pin_memory
+        self.lookahead, self.ahead = lookahead, ahead
         self.position = 0  # samples of the stream consumed by all ranks
         self._generation = 0  # bumped by __iter__/load_state_dict: stale iterators stop
 
@@ -432,7 +484,14 @@ class ResumableBatches:
         # Claimed now, not at the first next(): the newest iterator is the live one.
         self._generation += 1
         sampler = StreamBatchSampler(
-            self.num_samples, self.batch_size, self.seed, self.rank, self.world_size, self.position
+            self.num_samples,
+            self.batch_size,
+            self.seed,
+            self.rank,
+            self.world_size,
+            self.position,
+            self.lookahead,
+            self.ahead,
         )
         loader = DataLoader(
             self.dataset,
@@ -482,6 +541,7 @@ class ShardLoader:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
         self.index = load_index(split_dir)
         self.dataset = ShardDataset(self.index, resolution)
+        ahead = remote.prefetch_depth() if isinstance(self.index, RemoteIndex) else 0
         self.batches = ResumableBatches(
             self.dataset,
             batch_size,
@@ -491,6 +551,8 @@ class ShardLoader:
             num_workers=num_workers,
             collate_fn=functools.partial(collate_samples, resolution=resolution),
             pin_memory=pin_memory,
+            lookahead=self.index.prefetch if ahead else None,
+            ahead=ahead,
         )
         self.skipped_total = 0  # corrupt samples this rank has dropped since the start
 
@@ -503,6 +565,7 @@ class ShardLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> ShardLoader:
+        cfg.configure_remote()
         return cls(
             cfg.split_dir(split),
             cfg.batch_size,

@@ -154,22 +154,7 @@ def read_manifest(folder: Path, verify: bool = False) -> ShardManifest:
             f"{folder} has no manifest.json: build shards with `python -m preprocess` "
             "(or `make data`) first"
         )
-    try:
-        raw = json.loads(path.read_text())
-        if raw.get("format") != MANIFEST_FORMAT:
-            raise ManifestError(f"{path}: format {raw.get('format')!r} is not {MANIFEST_FORMAT}")
-        shards = tuple(ShardInfo(**s) for s in raw["shards"])
-        manifest = ShardManifest(
-            split=raw["split"],
-            resolution=int(raw["resolution"]),
-            shards=shards,
-            source=raw.get("source", ""),
-            licence=raw.get("licence", ""),
-            attribution=raw.get("attribution", ""),
-            extra=raw.get("extra", {}),
-        )
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise ManifestError(f"{path} is malformed: {err}") from err
+    manifest = parse_manifest(path.read_text(), str(path))
     for shard in manifest.shards:
         shard_path = folder / shard.name
         if not shard_path.exists():
@@ -179,10 +164,34 @@ def read_manifest(folder: Path, verify: bool = False) -> ShardManifest:
     return manifest
 
 
-def manifest_digest(folder: Path) -> str:
+def parse_manifest(text: str, where: str) -> ShardManifest:
+    """A manifest from its JSON text (``where`` names it in errors)."""
+    try:
+        raw = json.loads(text)
+        if raw.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{where}: format {raw.get('format')!r} is not {MANIFEST_FORMAT}")
+        shards = tuple(ShardInfo(**s) for s in raw["shards"])
+        return ShardManifest(
+            split=raw["split"],
+            resolution=int(raw["resolution"]),
+            shards=shards,
+            source=raw.get("source", ""),
+            licence=raw.get("licence", ""),
+            attribution=raw.get("attribution", ""),
+            extra=raw.get("extra", {}),
+        )
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{where} is malformed: {err}") from err
+
+
+def digest_of(manifest: ShardManifest) -> str:
     """A short identity of a split's content (its shards' hashes), for cache keys."""
-    manifest = read_manifest(folder)
     digest = hashlib.sha256()
     for shard in manifest.shards:
         digest.update(f"{shard.name}:{shard.samples}:{shard.sha256}\n".encode())
     return digest.hexdigest()
+
+
+def manifest_digest(folder: Path) -> str:
+    """``digest_of`` the manifest of a local split folder."""
+    return digest_of(read_manifest(folder))

@@ -116,6 +116,9 @@ RESUME_SAFE_KEYS = (
     "ckpt.*",
     "data.num_workers",  # the reader's cursor counts samples, not worker batches
     "data.pin_memory",
+    "data.shard_cache",  # where remote shards are kept locally, not which ones
+    "data.shard_cache_gb",
+    "data.prefetch_shards",
 )
 
 
