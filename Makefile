@@ -14,6 +14,10 @@ RES_pokepixels-9m := 64
 RES_ddpm-58m := 64
 RES_vdm := 64
 DATA   ?= $(DATA_ROOT)/emoji-$(or $(RES_$(PRESET)),512)
+# DATA may be a URL (s3://, gs://, https://...) or a .txt list of shard URLs: nothing local
+# to build or depend on, the stages fetch the shards (README, "Data and caches ...").
+REMOTE_DATA := $(or $(findstring ://,$(DATA)),$(filter %.txt,$(DATA)))
+DATA_DEP := $(if $(REMOTE_DATA),,$(DATA)/train/manifest.json)
 # What the preset's UNet needs upstream, read from its unet.toml: a pixel-space UNet
 # (autoencoder = "identity") needs no VAE export, an unconditional one (text = false) no
 # CLIP export.
@@ -63,7 +67,7 @@ $(STAMP): pyproject.toml Makefile
 
 # `make data` builds the data set of the chosen preset's resolution (32 px for tiny, whose
 # build takes well under a minute; 512 px for the others, a few minutes on 2 cores).
-data: $(DATA)/train/manifest.json
+data: $(DATA_DEP)
 
 $(DATA_ROOT)/emoji-%/train/manifest.json: | $(STAMP)
 	$(npm_check)
@@ -74,13 +78,13 @@ clip: $(call EXPORT,clip)
 unet: $(call EXPORT,unet)
 all: unet
 
-$(call EXPORT,vae): | $(STAMP) $(DATA)/train/manifest.json
+$(call EXPORT,vae): | $(STAMP) $(DATA_DEP)
 	$(PY) -m stages.vae --preset $(PRESET) --data $(DATA) --runs $(RUNS) $(ARGS)
 
 $(call EXPORT,clip): $(call EXPORT,vae) | $(STAMP)
 	$(PY) -m stages.clip --preset $(PRESET) --data $(DATA) --runs $(RUNS) $(ARGS)
 
-UNET_DEPS := $(if $(PIXEL),$(DATA)/train/manifest.json,$(call EXPORT,vae)) \
+UNET_DEPS := $(if $(PIXEL),$(DATA_DEP),$(call EXPORT,vae)) \
 	$(if $(UNCOND),,$(call EXPORT,clip))
 # An unconditional UNet needs no CLIP export; its FD is measured in the tiny preset's CLIP
 # image space when that export exists (`make clip PRESET=tiny` first), else it is skipped.

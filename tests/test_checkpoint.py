@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +53,9 @@ def state(step: int) -> dict:
 def save(manager: CheckpointManager, step: int, final: bool = False, best_step: int | None = None):
     best = {"metric": "mse", "mode": "min", "value": 0.5, "step": best_step} if best_step else None
     info = {"batches_seen": step, "world_size": 1, "final": final, "best": best}
-    return manager.save(step, state(step), {"rank0": {"data": {"index": step}}}, info)
+    path = manager.save(step, state(step), {"rank0": {"data": {"index": step}}}, info)
+    manager.wait()  # the mirror copy runs on a thread
+    return path
 
 
 def test_tree_round_trip_keeps_types_tuples_int_keys_and_shared_tensors():
@@ -246,6 +250,31 @@ def test_mirror_gets_verified_copies_with_rotation_and_serves_resume(tmp_path):
     found = CheckpointManager(tmp_path / "ck", mirror=mirror).latest()
     assert found.path == mirror / "step_0000003"
     assert tree_equal(found.read("model.net"), state(3)["model.net"])
+
+
+def test_the_mirror_copy_runs_off_the_saving_thread_and_wait_finishes_it(tmp_path, monkeypatch):
+    mirror = tmp_path / "drive"
+    manager = CheckpointManager(tmp_path / "ck", mirror=mirror)
+    release, copying = threading.Event(), []
+    real_copy = shutil.copyfile
+
+    def slow_copy(src, dst):  # a Drive that takes its time
+        copying.append(threading.current_thread().name)
+        assert release.wait(30)
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(shutil, "copyfile", slow_copy)
+    info = {"batches_seen": 1, "world_size": 1, "final": False, "best": None}
+    path = manager.save(1, state(1), {"rank0": {"data": {"index": 1}}}, info)
+    assert verify(path).step == 1  # committed locally while the copy still waits
+    for _ in range(300):  # the copy thread reaches its first file
+        if copying:
+            break
+        time.sleep(0.01)
+    assert copying == ["mirror-copy"] and not (mirror / "step_0000001").exists()
+    release.set()
+    manager.wait()
+    assert verify(mirror / "step_0000001").manifest == verify(path).manifest
 
 
 def test_newest_of_local_and_mirror_wins_and_a_broken_mirror_only_warns(tmp_path, caplog):

@@ -62,3 +62,22 @@ def test_setup_prints_the_command_for_npm_without_root(tmp_path):
 def test_setup_installs_npm_from_debian_as_root(tmp_path):
     _, calls = make_setup(tmp_path, uid=0, have_npm=False)
     assert calls == [" apt-get update -qq", "noninteractive apt-get install -y -qq npm"]
+
+
+@pytest.mark.skipif(MAKE is None, reason="make is not installed")
+@pytest.mark.parametrize("data", ["https://example.org/mine", "s3://bucket/mine", "shards.txt"])
+def test_remote_data_needs_no_local_manifest(tmp_path, data):
+    """`make vae DATA=<URL or list file>` runs the stage on it (here: printed, -n) instead of
+    looking for a local manifest to build."""
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed").touch()
+    result = subprocess.run(
+        [MAKE, "-C", str(REPO), "--no-print-directory", "-n", "vae", f"VENV={venv}"]
+        + [f"DATA={data}", f"RUNS={tmp_path / 'runs'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"-m stages.vae --preset tiny --data {data}" in result.stdout

@@ -746,3 +746,30 @@ def test_an_exception_on_rank0_inside_a_save_stops_every_rank_promptly(tmp_path)
     assert "No space left on device" in errors[0]
     assert "another process failed while saving step 1" in errors[1]
     assert not checkpoints(tmp_path)
+
+
+def test_the_process_group_timeout_is_a_config_key(tmp_path, monkeypatch):
+    """The stage CLI starts the process group (accelerate's PartialState) with
+    ``train.pg_timeout_minutes``: long enough for a cache build by default."""
+    from datetime import timedelta
+
+    import stages.common.cli as cli
+
+    given = {}
+
+    class Started(Exception):
+        pass
+
+    def partial_state(**kwargs):
+        given.update(kwargs)
+        raise Started
+
+    monkeypatch.setattr(cli, "PartialState", partial_state)
+    (tmp_path / "configs" / "tiny").mkdir(parents=True)
+    argv = ["--configs", str(tmp_path / "configs"), "--runs", str(tmp_path)]
+    with pytest.raises(Started):
+        run_stage("toy", ToyConfig, ToyStage, [*argv, "train.pg_timeout_minutes=7"])
+    assert given["timeout"] == timedelta(minutes=7)
+    with pytest.raises(Started):
+        run_stage("toy", ToyConfig, ToyStage, argv)
+    assert given["timeout"] == timedelta(minutes=120)

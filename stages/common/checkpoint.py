@@ -11,7 +11,8 @@ and the parent directory fsynced. A folder without a valid manifest is never tru
 Only after a commit are old checkpoints deleted: the last ``keep_last``, the best by the
 stage's validation metric and the final one are kept. An optional mirror folder (a mounted
 Drive) receives a verified copy of each commit (copy to a temporary folder, re-read and
-check every sha256, rename) with the same rotation. ``latest()`` returns the newest valid
+check every sha256, rename) with the same rotation, on a background thread: training goes
+on while it copies; the next save and the end of the run (``wait``) wait for it. ``latest()`` returns the newest valid
 checkpoint of the local folder and the mirror; an unusable newer one (manifest missing,
 sha256 mismatch, unreadable safetensors) is skipped with a warning and renamed
 ``step_XXXXXXX.corrupt``, so that rotation never counts it among the newest.
@@ -24,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -281,6 +283,15 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = keep_last
         self.mirror = Path(mirror) if mirror else None
+        # The mirror copy of the newest checkpoint runs on this thread, off the training
+        # loop (a Drive copy of a large checkpoint takes minutes); ``wait`` joins it.
+        self._copy: threading.Thread | None = None
+
+    def wait(self) -> None:
+        """Block until the mirror copy in flight (if any) has finished."""
+        if self._copy is not None:
+            self._copy.join()
+            self._copy = None
 
     def save(
         self,
@@ -337,7 +348,10 @@ class CheckpointManager:
     def _commit_shared(
         self, step: int, tmp: Path, final: Path, shared: Mapping[str, Any], info: Mapping[str, Any]
     ) -> None:
-        """The main rank's part: shared trees, the manifest last, commit, rotate, mirror."""
+        """The main rank's part: shared trees, the manifest last, commit, rotate, mirror.
+
+        The previous mirror copy finishes first: the rotation below may delete its source."""
+        self.wait()
         for stem, tree in shared.items():
             write_tree(tmp, stem, tree)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
@@ -356,7 +370,10 @@ class CheckpointManager:
         _commit(tmp, final)
         _rotate(self.root, self.keep_last)
         if self.mirror is not None:
-            self._copy_to_mirror(final, manifest)
+            self._copy = threading.Thread(
+                target=self._copy_to_mirror, args=(final, manifest), name="mirror-copy"
+            )
+            self._copy.start()
 
     def _copy_to_mirror(self, src: Path, manifest: Mapping[str, Any]) -> None:
         """Copy, re-read and verify, rename; a failing mirror warns and never stops training."""

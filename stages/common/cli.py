@@ -97,7 +97,10 @@ def run_stage(
     data = getattr(config, "data", None)
     if hasattr(data, "configure_remote"):
         data.configure_remote()  # where remote shards are kept, before anything reads data
-    state = PartialState(cpu=force_cpu())  # the device and rank, before the stage is built
+    # The device and rank, before the stage is built; this starts the process group.
+    loop = getattr(config, "train", None)
+    group = loop.process_group_kwargs() if hasattr(loop, "process_group_kwargs") else {}
+    state = PartialState(cpu=force_cpu(), **group)
     setup_console_logging(state.is_main_process)
     ctx = RunContext(Path(args.runs), args.preset, name, state.device)
     lock = RunLock(ctx.run_dir)

@@ -54,11 +54,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import (
     GradientAccumulationPlugin,
     ProjectConfiguration,
@@ -103,6 +104,7 @@ RESUME_SAFE_KEYS = (
     "train.mixed_precision",  # e.g. fp16 on a T4 resumed as bf16 on an A100 (not bitwise)
     "train.ddp_find_unused_parameters",
     "train.compile",
+    "train.pg_timeout_minutes",
     "optim.lr",
     "optim.betas",
     "optim.eps",
@@ -139,6 +141,17 @@ class TrainConfig:
     # later ones fuse the elementwise ops around the convolutions and attention. Off by default:
     # on a CPU the compile of a large UNet takes minutes. Checkpoints are the same either way.
     compile: bool = False
+    # How long a rank may wait for the others at a collective before the run fails. The
+    # longest wait is the encode-once cache build (every rank encodes its slice, then they
+    # meet); at the base preset a million samples take tens of minutes per GPU. Errors on
+    # a rank are shared at once, so this only bounds a silent hang (a stuck file system).
+    pg_timeout_minutes: float = 120.0
+
+    def process_group_kwargs(self) -> dict[str, Any]:
+        """``init_process_group`` arguments (accelerate's PartialState takes them)."""
+        return InitProcessGroupKwargs(
+            timeout=timedelta(minutes=self.pg_timeout_minutes)
+        ).to_kwargs()
 
 
 @dataclass
@@ -262,7 +275,8 @@ class Trainer:
             kwargs_handlers=[
                 DistributedDataParallelKwargs(
                     find_unused_parameters=cfg.train.ddp_find_unused_parameters
-                )
+                ),
+                InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.pg_timeout_minutes)),
             ],
         )
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -725,4 +739,5 @@ def train(stage: Stage, ctx: RunContext) -> int:
             return EXIT_ABORTED
         finally:
             if trainer is not None:
+                trainer.checkpoints.wait()  # a mirror copy in flight finishes before exit
                 trainer.accelerator.end_training()
