@@ -153,3 +153,26 @@ def test_shards_of_the_next_batches_are_prefetched(server, tmp_path):
         time.sleep(0.05)
     for shard in (0, 2, 4):  # fetched before the reader asked for them
         assert cache.path_of(loader.index.manifest.shards[shard].sha256).exists(), shard
+
+
+def test_the_encode_once_cache_builds_from_http_shards_as_from_local_ones(
+    server, tiny_shards, tmp_path
+):
+    from toy_stage import colour_summary
+
+    from stages.common.cache import CacheConfig, ensure_cache
+
+    url, _ = server
+    cfg = CacheConfig(shard_size=40, batch_size=16)
+
+    def encode(batch):
+        return {"x": colour_summary(batch["image"])}
+
+    over_http = ensure_cache(tmp_path / "a", {"e": 1}, encode, f"{url}/train", 16, cfg)
+    local = ensure_cache(tmp_path / "b", {"e": 1}, encode, tiny_shards / "train", 16, cfg)
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [
+        p.name for p in (tmp_path / "b").iterdir()
+    ]
+    rows = list(range(96))
+    a, b = over_http.__getitems__(rows), local.__getitems__(rows)
+    assert a["key"] == b["key"] and torch.equal(a["x"], b["x"])

@@ -641,7 +641,11 @@ def iter_rows(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not rows:
         return
-    dataset = ShardDataset(load_index(split_dir), resolution)
+    index = load_index(split_dir)
+    if isinstance(index, RemoteIndex):  # an ordered pass: fetch its shards ahead, in order
+        for shard in range(int(index.shard[rows[0]]), int(index.shard[rows[-1]]) + 1):
+            index.prefetch_shard(shard)
+    dataset = ShardDataset(index, resolution)
     batches = [list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     loader = DataLoader(
         dataset,
