@@ -9,7 +9,8 @@
 Benchmarks: unet_train (training step 256 and 512 px), unet_infer (20-step CFG sampling,
 UNet only, batch 1 and 4), e2e (text encoder + sampling + VAE decode), vae (512 px encode and
 decode), data (reader images/s per worker; UNet stage from the cache vs on the fly), gpu
-(MFU and torch.compile; skipped without CUDA).
+(MFU and torch.compile; skipped without CUDA), scale (cache build with 1 and 2 processes,
+RSS per rank from the memory-mapped cache at 10k and 100k samples, HTTP vs local shards).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import time
 
 import torch
 
-from . import data, gpu, inference, unet_train, vae
+from . import data, gpu, inference, scale, unet_train, vae
 from .harness import Row, Settings, run_case
 from .results import RESULTS, section, table, write
 
 COMPARED = ("unet_train", "unet_infer", "e2e", "vae")
-ALL = (*COMPARED, "data", "gpu")
+ALL = (*COMPARED, "data", "gpu", "scale")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         figures += data.stage_figures(rounds=2 if args.quick else 8)
     if "gpu" in only:
         figures += gpu.figures(settings)
+    if "scale" in only:
+        print("[bench] scale ...", flush=True)
+        figures += scale.figures(quick=args.quick)
 
     seconds = time.perf_counter() - started
     text = section(settings, command, (load_start, os.getloadavg()[0]), rows, figures, seconds)
