@@ -238,11 +238,13 @@ def _rss_child(folder: str, mode: str, steps: str) -> dict:
     return {"first": first, "last": _status(), "wait_ms": statistics.median(waits) * 1e3}
 
 
-def memory_figures(sizes: tuple[int, ...], steps: int) -> list[Figure]:
+def memory_figures(
+    sizes: tuple[int, ...], steps: int, modes: tuple[str, ...] = ("mmap", "ram")
+) -> list[Figure]:
     out = []
     for samples in sizes:
         folder = synthetic_cache(samples)
-        for mode in ("mmap", "ram"):
+        for mode in modes:
             got = _child("--rss-child", str(folder), mode, str(steps))
             last, first = got["last"], got["first"]
             what = "memory-mapped cache" if mode == "mmap" else "in-RAM copy (old path)"
@@ -351,14 +353,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="build,memory,remote")
+    parser.add_argument("--modes", default="mmap,ram", help="memory: mmap and/or ram")
+    parser.add_argument("--samples", type=int, default=1536, help="build: samples encoded")
     args = parser.parse_args(argv)
     parts = args.only.split(",")
     found = []
     if "build" in parts:
-        found += build_figures(256 if args.quick else 1536)
+        found += build_figures(256 if args.quick else args.samples)
     if "memory" in parts:
         sizes = (2_000, 10_000) if args.quick else (10_000, 100_000)
-        found += memory_figures(sizes, 50 if args.quick else STEPS)
+        modes = tuple(args.modes.split(","))
+        found += memory_figures(sizes, 50 if args.quick else STEPS, modes)
     if "remote" in parts:
         found += remote_figures(10 if args.quick else 60)
     for f in found:
