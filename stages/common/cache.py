@@ -18,10 +18,11 @@ this module does the rest, the same way for every stage:
   A rank killed mid-build leaves only committed shards, so a re-run encodes what is missing.
   Errors are shared (one all-reduce), so no rank waits at a barrier for a dead one; then
   rank 0 writes ``index.json`` (every shard's count and sha256).
-- **Read memory-mapped.** ``CachedRows`` maps each shard file (numpy memmaps over the
-  safetensors data section; at most ``MAX_OPEN`` shards per process, least recently used
-  closed) and copies out only the rows of a batch: a rank's memory does not grow with the
-  number of cached samples, only the index's few numbers per shard do.
+- **Read memory-mapped.** ``CachedRows`` maps each shard file once (numpy views of the
+  safetensors tensors over one map; at most ``MAX_OPEN`` files per process, least recently
+  used unmapped) and copies out only the rows of a batch: a rank's own memory does not grow
+  with the number of cached samples, only the index's few numbers per shard do. The pages
+  it touches are page cache (shared by the ranks of a machine, dropped under pressure).
 """
 
 from __future__ import annotations
