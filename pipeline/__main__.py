@@ -12,6 +12,7 @@ folders given), call it, write PNGs. Sampling defaults come from ``SampleConfig`
     python -m pipeline serve --host 127.0.0.1 --port 8000
     python -m pipeline demo --out runs/tiny/demo.png
     python -m pipeline evaluate --preset tiny        # each stage's figures, as a table
+    python -m pipeline sweep --preset tiny           # quality vs seconds per image
 """
 
 from __future__ import annotations
@@ -146,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--probe-seeds", type=int, default=4, help="images per probe prompt")
     _add_sampling_args(ev, with_prompt_options=False)
     _add_model_args(ev)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="quality vs seconds per image over steps x shift x sampler x guidance interval "
+        "(pipeline/sweep.py); the sampling flags set the reference (default: the defaults)",
+    )
+    sweep.add_argument("--data", type=Path, help="data folder (default: the UNet export's)")
+    sweep.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="sweep config overrides over configs/<preset>/sweep.toml, e.g. 'steps=[4,8]'",
+    )
+    _add_sampling_args(sweep, with_prompt_options=False)
+    _add_model_args(sweep)
     return parser
 
 
@@ -342,9 +358,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _trained_data(args: argparse.Namespace, folders: ExportFolders, stage: str):
+    """(data folder, resolution): ``--data`` or the one ``stage``'s export was trained on."""
     from stages.common.export import read_config
 
+    export = getattr(folders, stage)
+    if not (export / "config.json").exists():
+        raise ExportError(f"no {stage} export at {export}: train it with `make {stage}`")
+    trained = read_config(export)["data"]
+    data = args.data or Path(trained["path"])
+    if not (data / "val" / "manifest.json").exists():
+        raise ValueError(f"{data} has no val/manifest.json: pass --data <the data folder>")
+    return data, int(trained["resolution"])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import STAGES, EvaluateSettings, evaluate, format_table
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
@@ -359,17 +387,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     folders = export_folders(args)
-    # The data and resolution the last stage asked for was trained on (its config.json).
-    last = getattr(folders, stages[-1])
-    if not (last / "config.json").exists():
-        raise ExportError(f"no {stages[-1]} export at {last}: train it with `make {stages[-1]}`")
-    trained = read_config(last)["data"]
-    data = args.data or Path(trained["path"])
-    if not (data / "val" / "manifest.json").exists():
-        raise ValueError(f"{data} has no val/manifest.json: pass --data <the data folder>")
+    data, resolution = _trained_data(args, folders, stages[-1])
     settings = EvaluateSettings(
         data=data,
-        resolution=int(trained["resolution"]),
+        resolution=resolution,
         num_images=args.num_images,
         probe_seeds=args.probe_seeds,
         seed=config.seed,
@@ -377,6 +398,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg_scale=args.cfg_scale,
         sampler=args.sampler,
         shift=args.shift,
+        cfg_interval=config.cfg_interval,
     )
     start = time.perf_counter()
     results = evaluate(folders, settings, stages, device=config.device, precision=config.precision)
@@ -388,12 +410,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from stages.unet.evaluate import ImageEmbedder
+
+    from .evaluate import EvaluateSettings
+    from .sweep import SweepConfig, recommended_toml, run_sweep
+
+    sweep = load_config(SweepConfig, args.preset, "sweep", args.overrides)
+    folders = export_folders(args)
+    data, resolution = _trained_data(args, folders, "unet")
+    pipe, config, reference = load_pipeline(args)
+    if pipe.models.clip is None or pipe.models.vae.hash == "identity":
+        raise ValueError("pipeline sweep measures latent text-to-image models")
+    embedder = ImageEmbedder(pipe.models.clip, pipe.models.vae)
+    evaluate = EvaluateSettings(data=data, resolution=resolution, num_images=sweep.num_images)
+    out = folders.unet.parent / "sweep"
+    start = time.perf_counter()
+    record = run_sweep(
+        pipe, embedder, evaluate, sweep, reference, out, log=lambda m: print(m, file=sys.stderr)
+    )
+    print((out / "sweep.md").read_text())
+    print(
+        f"swept {len(record['results'])} settings in {time.perf_counter() - start:.0f} s; "
+        f"written to {out}/ (sweep.md, sweep.json, sweep.png). As defaults:\n"
+        f"{recommended_toml(record['chosen']['setting'])}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "interactive": cmd_interactive,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "evaluate": cmd_evaluate,
+    "sweep": cmd_sweep,
 }
 
 

@@ -22,6 +22,8 @@ from stages.unet.samplers import (
     check_sampling,
     ddim_sample,
     euler_sample,
+    evaluation_times,
+    guided_rows,
     heun_sample,
     partial_grid,
     seeded_noise,
@@ -545,3 +547,17 @@ def test_bad_intervals_are_refused_with_the_reason(interval):
     with pytest.raises(ValueError, match="cfg_interval"):
         check_sampling("euler", 20, 0.0, interval)
     assert check_cfg_interval((0.2, 0.2)) == (0.2, 0.2)
+
+
+def test_evaluation_times_and_guided_rows_count_what_the_wrapper_runs():
+    grid = FlowSchedule().grid(10)
+    assert evaluation_times("euler", grid) == pytest.approx([1.0 - i / 10 for i in range(10)])
+    assert len(evaluation_times("heun", grid)) == 20
+    for sampler in ("euler", "heun"):
+        counter = RowCounter(CountingModel())
+        x = torch.randn(1, 2, 4, 4)
+        interval = (0.25, 0.75)
+        SAMPLERS[sampler](cfg_velocity(counter, condition(1), condition(1), 5.0, interval), x, grid)
+        times = evaluation_times(sampler, grid)
+        assert counter.rows == guided_rows(times, interval) < guided_rows(times, (0, 1))
+        assert guided_rows(times, interval, guided=False) == len(times)

@@ -233,6 +233,26 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def evaluation_times(sampler: str, grid: torch.Tensor) -> list[float]:
+    """The flow times at which ``sampler`` evaluates the velocity on ``grid``, in order
+    (found by running it on a zero field: the samplers' time points do not depend on it)."""
+    times: list[float] = []
+
+    def record(y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        times.append(float(tau[0]))
+        return torch.zeros_like(y)
+
+    SAMPLERS[sampler](record, torch.zeros(1, 1, 1, 1), grid.cpu())
+    return times
+
+
+def guided_rows(times: Sequence[float], interval: Sequence[float], guided: bool = True) -> int:
+    """UNet rows per image over ``times``: 2 inside the guidance interval, 1 outside (and
+    everywhere when nothing is guided: scale 1 or no text)."""
+    lo, hi = check_cfg_interval(interval)
+    return sum(2 if guided and lo <= t <= hi else 1 for t in times)
+
+
 def cfg_velocity(
     model: Callable[..., torch.Tensor],
     cond: Any,
