@@ -13,7 +13,18 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
+PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
 PANEL = (420, 300)  # width, height of one panel in pixels
 MARGIN = (56, 36, 16, 40)  # left, top, right, bottom
 
@@ -84,9 +95,9 @@ def _panel(panel: Panel, font: ImageFont.ImageFont) -> Image.Image:
     draw.text((width // 2 - 40, height - 16), panel.x_label, fill="black", font=font)
     for i, g in enumerate(groups):
         draw.rectangle(
-            (width - 110, top + 6 + 14 * i, width - 102, top + 14 + 14 * i), fill=colour[g]
+            (width - 118, top + 6 + 14 * i, width - 110, top + 14 + 14 * i), fill=colour[g]
         )
-        draw.text((width - 98, top + 4 + 14 * i), g, fill="black", font=font)
+        draw.text((width - 106, top + 4 + 14 * i), g, fill="black", font=font)
     return image
 
 

@@ -90,6 +90,12 @@ def label(s: SamplingConfig) -> str:
     return f"{s.sampler} {s.steps} shift {s.shift:g} cfg [{lo:g}, {hi:g}]"
 
 
+def group(setting: dict[str, Any]) -> str:
+    """The plot's colour: sampler and guidance interval (steps and shift vary along it)."""
+    lo, hi = setting["cfg_interval"]
+    return f"{setting['sampler']} [{lo:g}, {hi:g}]"
+
+
 def rows_per_image(pipe: Text2Image, s: SamplingConfig) -> int:
     """UNet rows one image costs with setting ``s`` (exact: counted on the schedule grid)."""
     grid = pipe.models.unet.objective.schedule.grid(s.steps, s.shift, "cpu")
@@ -315,7 +321,7 @@ def plot(record: dict[str, Any], path: Path) -> Path:
             Point(
                 r["seconds_per_image"] * 1e3,
                 r[m],
-                r["setting"]["sampler"],
+                group(r["setting"]),
                 "square" if i == chosen else "ring" if i == ref else "dot",
             )
             for i, r in enumerate(results)
