@@ -299,7 +299,7 @@ def test_cli_cfg_interval_and_compile_reach_the_image(folders, tmp_path, capsys,
     monkeypatch.setattr(torch, "compile", fake_compile)
     common = ["generate", "black heart", "--steps", "4", "--seed", "9", *_runs_args(folders)]
     full, limited = tmp_path / "full.png", tmp_path / "limited.png"
-    assert main([*common, "--out", str(full)]) == 0
+    assert main([*common, "--cfg-interval", "0", "1", "--out", str(full)]) == 0
     argv = [*common, "--cfg-interval", "0.3", "0.8", "--compile", "--out", str(limited)]
     assert main(argv) == 0
     err = capsys.readouterr().err

@@ -73,7 +73,12 @@ def test_pipeline_sweep_writes_table_plot_and_choice(tmp_path, tmp_path_factory,
         "--precision",
         "fp32",
         "--steps",
-        "3",  # the reference: 3 Euler steps, guided everywhere
+        "3",  # the reference: 3 Euler steps, shift 1, guided everywhere
+        "--shift",
+        "1",
+        "--cfg-interval",
+        "0",
+        "1",
         "steps=[2]",
         "shifts=[1.0]",
         'samplers=["euler"]',
