@@ -7,10 +7,12 @@
     .venv/bin/python -m bench --write                # also update bench/RESULTS.md
 
 Benchmarks: unet_train (training step 256 and 512 px), unet_infer (20-step CFG sampling,
-UNet only, batch 1 and 4), e2e (text encoder + sampling + VAE decode), vae (512 px encode and
-decode), data (reader images/s per worker; UNet stage from the cache vs on the fly), gpu
-(MFU and torch.compile; skipped without CUDA), scale (cache build with 1 and 2 processes,
-RSS per rank from the memory-mapped cache at 10k and 100k samples, HTTP vs local shards).
+UNet only, batch 1 and 4), e2e (text encoder + sampling + VAE decode), quality (end to end at
+equal quality: ours at the swept defaults of configs/tiny/sample.toml vs diffusers' 20-step
+loop), vae (512 px encode and decode), data (reader images/s per worker; UNet stage from the
+cache vs on the fly), gpu (MFU and torch.compile; skipped without CUDA), scale (cache build
+with 1 and 2 processes, RSS per rank from the memory-mapped cache at 10k and 100k samples,
+HTTP vs local shards).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import time
 
 import torch
 
-from . import data, gpu, inference, scale, unet_train, vae
+from . import data, gpu, inference, quality, scale, unet_train, vae
 from .harness import Row, Settings, run_case
 from .results import RESULTS, section, table, write
 
-COMPARED = ("unet_train", "unet_infer", "e2e", "vae")
+COMPARED = ("unet_train", "unet_infer", "e2e", "quality", "vae")
 ALL = (*COMPARED, "data", "gpu", "scale")
 
 
@@ -80,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([".venv/bin/python", "-m", "bench", *argv])
     started = time.perf_counter()
 
-    cases = [*unet_train.cases(settings), *inference.cases(settings), *vae.cases(settings)]
+    cases = [
+        *unet_train.cases(settings),
+        *inference.cases(settings),
+        *quality.cases(settings),
+        *vae.cases(settings),
+    ]
     rows: list[Row] = []
     for case in (c for c in cases if c.bench in only):
         print(f"[bench] {case.name} ...", flush=True)

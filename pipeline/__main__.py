@@ -12,6 +12,7 @@ folders given), call it, write PNGs. Sampling defaults come from ``SampleConfig`
     python -m pipeline serve --host 127.0.0.1 --port 8000
     python -m pipeline demo --out runs/tiny/demo.png
     python -m pipeline evaluate --preset tiny        # each stage's figures, as a table
+    python -m pipeline sweep --preset tiny           # quality vs seconds per image
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import torch
 
 from stages.common.config import ConfigError, load_config
 from stages.common.export import ExportError
-from stages.unet.samplers import SAMPLERS, SamplingConfig
+from stages.unet.samplers import SAMPLERS, SamplingConfig, check_cfg_interval
 
+from .compiled import compile_models, warm_up
 from .init_image import InitImageError, read_init_image
 from .load import ExportFolders
 from .png import make_grid, save_png
@@ -51,6 +53,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="sampling autocast dtype (auto: bf16 on GPUs and on CPUs with native bf16)",
     )
     group.add_argument("--threads", type=int, help="CPU threads (0: one per core)")
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the UNet and VAE decoder (compile time reported apart)",
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, with_prompt_options: bool = True) -> None:
@@ -63,6 +71,13 @@ def _add_sampling_args(parser: argparse.ArgumentParser, with_prompt_options: boo
     group.add_argument("--sampler", choices=sorted(SAMPLERS))
     group.add_argument("--shift", type=float, help="timestep shift (1 = none)")
     group.add_argument("--eta", type=float, help="DDIM noise in [0, 1] (sampler ddim only)")
+    group.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="flow times [LO, HI] in [0, 1] that get guidance (0 1: every step)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--probe-seeds", type=int, default=4, help="images per probe prompt")
     _add_sampling_args(ev, with_prompt_options=False)
     _add_model_args(ev)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="quality vs seconds per image over steps x shift x sampler x guidance interval "
+        "(pipeline/sweep.py); the sampling flags set the reference (default: the defaults)",
+    )
+    sweep.add_argument("--data", type=Path, help="data folder (default: the UNet export's)")
+    sweep.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="sweep config overrides over configs/<preset>/sweep.toml, e.g. 'steps=[4,8]'",
+    )
+    _add_sampling_args(sweep, with_prompt_options=False)
+    _add_model_args(sweep)
     return parser
 
 
@@ -144,12 +174,17 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
         "sampler": args.sampler,
         "shift": args.shift,
         "eta": args.eta,
+        "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None,
         "seed": args.seed,
         "device": args.device,
         "precision": args.precision,
         "threads": args.threads,
+        "compile": args.compile,
     }
-    return dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
+    config = dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
+    if config.cfg_interval is not None:  # refused before any model is loaded
+        check_cfg_interval(config.cfg_interval)
+    return config
 
 
 def export_folders(args: argparse.Namespace) -> ExportFolders:
@@ -168,6 +203,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Text2Image, SampleConfig, S
     if config.threads:
         torch.set_num_threads(config.threads)
     pipe = Text2Image.from_exports(export_folders(args), config.device, config.precision)
+    if config.compile:
+        compile_models(pipe.models)
     return pipe, config, config.sampling(pipe.defaults)
 
 
@@ -188,6 +225,7 @@ def _generate(
         sampler=sampling.sampler,
         shift=sampling.shift,
         eta=sampling.eta,
+        cfg_interval=sampling.cfg_interval,
         **img2img,
     )
 
@@ -209,11 +247,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.strength is not None:
         raise ValueError("--strength needs --init-image")
     pipe, config, sampling = load_pipeline(args)
-    start = time.perf_counter()
     prompts = [args.prompt] * args.n
+    compiled = ""
+    if config.compile:  # the same request once, untimed: compilation of every shape it meets
+        seconds = warm_up(
+            lambda: _generate(pipe, sampling, config.seed, prompts, args.negative, **img2img)
+        )
+        compiled = f" (compiled; compile + first run {seconds:.1f} s, not counted)"
+    start = time.perf_counter()
     images = _generate(pipe, sampling, config.seed, prompts, args.negative, **img2img)
     per_image = (time.perf_counter() - start) / args.n
-    guidance = f"CFG {sampling.cfg_scale}" if pipe.conditional else "unconditional"
+    guidance = "unconditional"
+    if pipe.conditional:
+        lo, hi = sampling.cfg_interval
+        guidance = f"CFG {sampling.cfg_scale} at flow times [{lo:g}, {hi:g}]"
     if args.n == 1:
         paths = [save_png(images[0].image, images[0].metadata, args.out)]
     elif args.numbered:
@@ -230,7 +277,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(path)
     print(
         f"{args.n} image(s) at {pipe.resolution} px, {sampling.steps} {sampling.sampler} "
-        f"steps, {guidance} on {pipe.device}: {per_image:.3f} s/image",
+        f"steps, {guidance} on {pipe.device}: {per_image:.3f} s/image{compiled}",
         file=sys.stderr,
     )
     return 0
@@ -273,12 +320,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ServerSettings, allowed_host_names, binding_warning, create_app
 
     token = args.token or os.environ.get("MINISD_TOKEN") or None
-    pipe, _, sampling = load_pipeline(args)
+    pipe, config, sampling = load_pipeline(args)
+    prompt = "red heart" if pipe.conditional else ""
     settings = ServerSettings(
         default_steps=sampling.steps,
         max_steps=max(100, sampling.steps),  # DDPM's ancestral sampler takes 1000
         conditional=pipe.conditional,
         default_cfg_scale=sampling.cfg_scale,
+        default_cfg_interval=sampling.cfg_interval,
         default_sampler=sampling.sampler,
         shift=sampling.shift,
         queue_size=args.queue_size,
@@ -288,6 +337,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=token,
         allowed_hosts=allowed_host_names(args.host, tuple(args.allowed_host)),
     )
+    if config.compile:  # compile now (one default image), not in the first client's request
+        seconds = warm_up(lambda: _generate(pipe, sampling, config.seed, [prompt], ""))
+        print(f"compiled: compile + first image {seconds:.1f} s", file=sys.stderr)
     warning = binding_warning(args.host, token)
     if warning:
         print(f"\n{'!' * 78}\n{warning}\n{'!' * 78}\n", file=sys.stderr)
@@ -306,9 +358,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _trained_data(args: argparse.Namespace, folders: ExportFolders, stage: str):
+    """(data folder, resolution): ``--data`` or the one ``stage``'s export was trained on."""
     from stages.common.export import read_config
 
+    export = getattr(folders, stage)
+    if not (export / "config.json").exists():
+        raise ExportError(f"no {stage} export at {export}: train it with `make {stage}`")
+    trained = read_config(export)["data"]
+    data = args.data or Path(trained["path"])
+    if not (data / "val" / "manifest.json").exists():
+        raise ValueError(f"{data} has no val/manifest.json: pass --data <the data folder>")
+    return data, int(trained["resolution"])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import STAGES, EvaluateSettings, evaluate, format_table
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
@@ -323,17 +387,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     folders = export_folders(args)
-    # The data and resolution the last stage asked for was trained on (its config.json).
-    last = getattr(folders, stages[-1])
-    if not (last / "config.json").exists():
-        raise ExportError(f"no {stages[-1]} export at {last}: train it with `make {stages[-1]}`")
-    trained = read_config(last)["data"]
-    data = args.data or Path(trained["path"])
-    if not (data / "val" / "manifest.json").exists():
-        raise ValueError(f"{data} has no val/manifest.json: pass --data <the data folder>")
+    data, resolution = _trained_data(args, folders, stages[-1])
     settings = EvaluateSettings(
         data=data,
-        resolution=int(trained["resolution"]),
+        resolution=resolution,
         num_images=args.num_images,
         probe_seeds=args.probe_seeds,
         seed=config.seed,
@@ -341,6 +398,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg_scale=args.cfg_scale,
         sampler=args.sampler,
         shift=args.shift,
+        cfg_interval=config.cfg_interval,
     )
     start = time.perf_counter()
     results = evaluate(folders, settings, stages, device=config.device, precision=config.precision)
@@ -352,12 +410,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from stages.unet.evaluate import ImageEmbedder
+
+    from .evaluate import EvaluateSettings
+    from .sweep import SweepConfig, recommended_toml, run_sweep
+
+    sweep = load_config(SweepConfig, args.preset, "sweep", args.overrides)
+    folders = export_folders(args)
+    data, resolution = _trained_data(args, folders, "unet")
+    pipe, config, reference = load_pipeline(args)
+    if pipe.models.clip is None or pipe.models.vae.hash == "identity":
+        raise ValueError("pipeline sweep measures latent text-to-image models")
+    embedder = ImageEmbedder(pipe.models.clip, pipe.models.vae)
+    evaluate = EvaluateSettings(data=data, resolution=resolution, num_images=sweep.num_images)
+    out = folders.unet.parent / "sweep"
+    start = time.perf_counter()
+    record = run_sweep(
+        pipe, embedder, evaluate, sweep, reference, out, log=lambda m: print(m, file=sys.stderr)
+    )
+    print((out / "sweep.md").read_text())
+    print(
+        f"swept {len(record['results'])} settings in {time.perf_counter() - start:.0f} s; "
+        f"written to {out}/ (sweep.md, sweep.json, sweep.png). As defaults:\n"
+        f"{recommended_toml(record['chosen']['setting'])}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "interactive": cmd_interactive,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "evaluate": cmd_evaluate,
+    "sweep": cmd_sweep,
 }
 
 

@@ -78,6 +78,7 @@ def write_demo(
             cfg_scale=sampling.cfg_scale,
             sampler=sampling.sampler,
             shift=sampling.shift,
+            cfg_interval=sampling.cfg_interval,
         )
         rows.append((prompt, [g.image for g in images]))
     hashes = pipe.hashes
@@ -88,6 +89,7 @@ def write_demo(
         "cfg_scale": sampling.cfg_scale,
         "sampler": sampling.sampler,
         "shift": sampling.shift,
+        "cfg_interval": ",".join(f"{t:g}" for t in sampling.cfg_interval),
         "vae_hash": hashes["vae"],
         "clip_hash": hashes["clip"],
         "unet_hash": hashes["unet"],

@@ -8,8 +8,10 @@
 - **unet** (text to image, through this pipeline, PNG pixels as a user gets them), on three
   prompt sets: val **captions** as written, their **short** names as people type them
   (``"red heart"``), and the **probe** prompts. CLIP score, FD against real val images,
-  R-precision (own prompt vs 99 others), and for the probe the shares of images showing the
-  named colour, object and both (judged without a learned model).
+  R-precision (own prompt vs 99 others), seconds per image of the generation, and for the
+  probe the shares of images showing the named colour, object and both (judged without a
+  learned model). ``measure_prompts`` is the one measurement of a prompt set; the sampling
+  sweep (``pipeline/sweep.py``) calls it per setting.
 
 Each stage's numbers go to ``<run>/<stage>/eval/metrics.json`` (grids beside them) and are
 printed as one table.
@@ -18,6 +20,7 @@ printed as one table.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,7 @@ class EvaluateSettings:
     cfg_scale: float | None = None
     sampler: str | None = None
     shift: float | None = None
+    cfg_interval: tuple[float, float] | None = None
 
 
 def _val_batches(settings: EvaluateSettings):
@@ -141,9 +145,55 @@ def _generate(pipe: Text2Image, prompts: list[str], settings: EvaluateSettings, 
             cfg_scale=settings.cfg_scale,
             sampler=settings.sampler,
             shift=settings.shift,
+            cfg_interval=settings.cfg_interval,
         )
         images += [g.image for g in generated]
     return images
+
+
+def real_embeddings(
+    embedder: ImageEmbedder, settings: EvaluateSettings
+) -> tuple[torch.Tensor, list[str]]:
+    """(up to ``max_real`` val image embeddings (N, E), every val caption in order)."""
+    real, captions = [], []
+    for batch in _val_batches(settings):
+        if len(captions) < settings.max_real:
+            real.append(embedder(batch["image"]))
+        captions += batch["caption"]
+    return torch.cat(real)[: settings.max_real], captions
+
+
+@torch.no_grad()
+def measure_prompts(
+    pipe: Text2Image,
+    embedder: ImageEmbedder,
+    prompts: list[str],
+    seeds: list[int],
+    real_emb: torch.Tensor,
+    settings: EvaluateSettings,
+) -> dict[str, float]:
+    """CLIP score, R-precision and FD of the images of ``prompts`` (image i from
+    ``seeds[i]``, consecutive), and the wall seconds per image of their generation alone
+    (PNG pixels included, embedding excluded)."""
+    clip = pipe.models.clip
+    start = time.perf_counter()
+    images = _generate(pipe, prompts, settings, seeds)
+    seconds = (time.perf_counter() - start) / len(prompts)
+    generated = embedder(_to_tensor(images))
+    text_emb = torch.cat(
+        [
+            clip.embed_texts(prompts[i : i + settings.batch_size]).cpu()
+            for i in range(0, len(prompts), settings.batch_size)
+        ]
+    )
+    return {
+        "clip_score": clip_score(generated, text_emb),
+        "r_precision": r_precision(
+            generated, prompts, lambda t: clip.embed_texts(t).cpu(), settings.seed
+        ),
+        "fd": frechet_distance(generated, real_emb),
+        "seconds_per_image": seconds,
+    }
 
 
 @torch.no_grad()
@@ -156,30 +206,12 @@ def evaluate_text_to_image(
     out: Path,
 ) -> dict[str, Any]:
     clip = pipe.models.clip
-    real, captions = [], []
-    for batch in _val_batches(settings):
-        if len(captions) < settings.max_real:
-            real.append(embedder(batch["image"]))
-        captions += batch["caption"]
-    real_emb = torch.cat(real)[: settings.max_real]
+    real_emb, captions = real_embeddings(embedder, settings)
     chosen = spread(captions, settings.num_images)
     seeds = [settings.seed + i for i in range(len(chosen))]
     metrics: dict[str, Any] = {}
     for name, prompts in (("captions", chosen), ("short", [short_name(c) for c in chosen])):
-        generated = embedder(_to_tensor(_generate(pipe, prompts, settings, seeds)))
-        text_emb = torch.cat(
-            [
-                clip.embed_texts(prompts[i : i + settings.batch_size]).cpu()
-                for i in range(0, len(prompts), settings.batch_size)
-            ]
-        )
-        metrics[name] = {
-            "clip_score": clip_score(generated, text_emb),
-            "r_precision": r_precision(
-                generated, prompts, lambda t: clip.embed_texts(t).cpu(), settings.seed
-            ),
-            "fd": frechet_distance(generated, real_emb),
-        }
+        metrics[name] = measure_prompts(pipe, embedder, prompts, seeds, real_emb, settings)
     rows = probe.prompts()
     prompts = [p for p, _, _ in rows for _ in range(settings.probe_seeds)]
     seeds = [settings.seed + j for _ in rows for j in range(settings.probe_seeds)]

@@ -1,7 +1,7 @@
 """HTTP API and web page around a pipeline object: ``create_app(pipeline, settings)``.
 
-    POST /generate   JSON {prompt, negative_prompt, steps, cfg_scale, seed, sampler, n, format,
-                     init_image, strength}
+    POST /generate   JSON {prompt, negative_prompt, steps, cfg_scale, cfg_interval, seed,
+                     sampler, n, format, init_image, strength}
                      -> {"images": [{"data_uri", "seed", "metadata"}], "settings", ...}, or the
                      raw PNG (n = 1) when ``Accept: image/png`` or ``"format": "png"``;
                      ``init_image`` (a base64 data URI of a PNG, JPEG or WebP) turns on
@@ -76,6 +76,7 @@ class Pipeline(Protocol):
         cfg_scale: float,
         sampler: str,
         shift: float,
+        cfg_interval: tuple[float, float],
         init_image: Any = None,
         strength: float | None = None,
         should_stop: Any = None,  # () -> bool, asked between steps; True: raise Cancelled
@@ -91,6 +92,8 @@ class ServerSettings:
     min_cfg_scale: float = 0.0
     max_cfg_scale: float = 20.0
     default_cfg_scale: float = 5.0
+    # Flow times [lo, hi] that get guidance; the pipeline's (the export's) default.
+    default_cfg_interval: tuple[float, float] = (0.0, 1.0)
     max_n: int = 4
     samplers: tuple[str, ...] = ("euler", "heun", "ddim", "ancestral")
     default_sampler: str = "euler"
@@ -121,6 +124,8 @@ def request_model(settings: ServerSettings) -> type[BaseModel]:
         str, StringConstraints(strip_whitespace=True, max_length=settings.max_prompt_chars)
     ]
 
+    flow_time = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -137,6 +142,7 @@ def request_model(settings: ServerSettings) -> type[BaseModel]:
             le=settings.max_cfg_scale,
             allow_inf_nan=False,
         )
+        cfg_interval: tuple[flow_time, flow_time] = settings.default_cfg_interval
         n: int = Field(1, ge=1, le=settings.max_n)  # before seed: its check needs n
         seed: int | None = Field(None, ge=0, le=MAX_SEED)  # None: the server picks one
         sampler: Literal[settings.samplers] = settings.default_sampler  # type: ignore[valid-type]
@@ -156,6 +162,13 @@ def request_model(settings: ServerSettings) -> type[BaseModel]:
                 )
             return seed
 
+        @field_validator("cfg_interval")
+        @classmethod
+        def _interval_in_order(cls, interval: tuple[float, float]):
+            if interval[0] > interval[1]:
+                raise ValueError(f"[lo, hi] needs lo <= hi (got [{interval[0]}, {interval[1]}])")
+            return interval
+
         @field_validator("strength")
         @classmethod
         def _strength_needs_an_image(cls, strength: float | None, info: ValidationInfo):
@@ -169,7 +182,8 @@ def request_model(settings: ServerSettings) -> type[BaseModel]:
 
 def request_cost(n: int, steps: int, sampler: str, cfg_scale: float, conditional: bool) -> int:
     """At most how many image-sized UNet evaluations a request costs: heun evaluates twice a
-    step, classifier-free guidance doubles the batch (not at scale 1 or without text)."""
+    step, classifier-free guidance doubles the batch (not at scale 1 or without text; steps
+    outside the guidance interval cost less, which this upper bound ignores)."""
     per_step = (2 if sampler == "heun" else 1) * (2 if conditional and cfg_scale != 1.0 else 1)
     return n * steps * per_step
 
@@ -188,6 +202,7 @@ def config_payload(settings: ServerSettings, pipeline: Pipeline) -> dict[str, An
             "max": settings.max_cfg_scale,
             "default": settings.default_cfg_scale,
         },
+        "cfg_interval": {"min": 0.0, "max": 1.0, "default": list(settings.default_cfg_interval)},
         "n": {"min": 1, "max": settings.max_n, "default": 1},
         "seed": {"min": 0, "max": MAX_SEED, "default": None},
         "samplers": list(settings.samplers),
@@ -340,6 +355,7 @@ def _run_job(
         seed=seed,
         steps=body.steps,
         cfg_scale=body.cfg_scale,
+        cfg_interval=tuple(body.cfg_interval),
         sampler=body.sampler,
         shift=shift,
         should_stop=should_stop,

@@ -5,9 +5,11 @@
     x_1    = noise (B, C, h, w); image i draws it from a CPU torch.Generator seeded seed + i,
              so a seed fixes the starting noise whatever the batch, device or precision
              (bitwise-equal images on one device; close ones across devices)
-    x_0    = sampler(cfg_velocity(unet.velocity(), cond, uncond, s), x_1, grid, rng, eta)
-             v = v_u + s (v_c - v_u), both branches in one batched forward; the grid is the
-             objective's schedule's (flow matching, DDPM, VDM), rng seeded per image too
+    x_0    = sampler(cfg_velocity(unet.velocity(), cond, uncond, s, [lo, hi]), x_1, grid,
+                     rng, eta)
+             v = v_u + s (v_c - v_u), both branches in one batched forward, at flow times in
+             the guidance interval [lo, hi] (elsewhere v_c alone, half the batch); the grid
+             is the objective's schedule's (flow matching, DDPM, VDM), rng seeded per image
     image  = vae.decode(vae.denormalize(x_0))             undo (z - mean) / std, then decode
 
 Image-to-image (``init_image``, ``strength``): the image is resized as training data is,
@@ -44,6 +46,7 @@ from stages.unet.samplers import (
     SamplerName,
     SamplingConfig,
     cfg_velocity,
+    check_cfg_interval,
     check_sampling,
     partial_grid,
     seeded_noise,
@@ -78,16 +81,18 @@ class SampleConfig:
     sampler: SamplerName | None = None
     shift: float | None = None  # timestep shift t' = s t / (1 + (s - 1) t); > 1 for big images
     eta: float | None = None  # DDIM's noise (sampler "ddim" only)
+    cfg_interval: tuple[float, float] | None = None  # flow times [lo, hi] that get guidance
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Precision = "auto"
     # CPU intra-op threads, 0 = torch's default (one per core). 1 suits tiny models on a busy
     # machine: OpenMP threads waiting for a core make every small op cost a time slice.
     threads: int = 0
+    compile: bool = False  # torch.compile the UNet and VAE decoder (pipeline/compiled.py)
 
     def sampling(self, recorded: SamplingConfig) -> SamplingConfig:
         """``recorded`` (the export's defaults) with this config's set fields on top."""
-        fields = ("steps", "cfg_scale", "sampler", "shift", "eta")
+        fields = ("steps", "cfg_scale", "sampler", "shift", "eta", "cfg_interval")
         return replace(
             recorded, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}
         )
@@ -226,11 +231,15 @@ class Text2Image:
         sampler: str | None = None,
         shift: float | None = None,
         eta: float | None = None,
+        cfg_interval: Sequence[float] | None = None,
         init_image: Image.Image | None = None,
         strength: float | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Generated]:
         """One image per prompt; image i uses seed ``seed + i``; None: the export's default.
+
+        ``cfg_interval`` [lo, hi]: the flow times at which guidance applies (0 <= lo <= hi
+        <= 1; (0, 1): every step); outside it the unconditional pass is skipped.
 
         An unconditional model takes empty prompts (one per image) and no negative prompt.
         ``init_image`` (any size; shared by all prompts) turns on image-to-image at
@@ -244,11 +253,13 @@ class Text2Image:
         sampler = defaults.sampler if sampler is None else sampler
         shift = defaults.shift if shift is None else shift
         eta = (defaults.eta if sampler == defaults.sampler else 0.0) if eta is None else eta
+        cfg_interval = defaults.cfg_interval if cfg_interval is None else cfg_interval
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise SettingsError("generate needs at least one prompt")
         try:
-            check_sampling(sampler, steps, eta)
+            check_sampling(sampler, steps, eta, cfg_interval)
+            cfg_interval = check_cfg_interval(cfg_interval)
         except ValueError as err:
             raise SettingsError(str(err)) from err
         if negative_prompt is None or isinstance(negative_prompt, str):
@@ -272,7 +283,7 @@ class Text2Image:
         noise = seeded_noise(self.latent_shape, seeds).to(self.device)
         unet = self.models.unet
         vae = self.models.vae
-        velocity = cfg_velocity(unet.velocity(), cond, uncond, cfg_scale)
+        velocity = cfg_velocity(unet.velocity(), cond, uncond, cfg_scale, cfg_interval)
         if should_stop is not None:
             velocity = _stoppable(velocity, should_stop)
         grid = unet.objective.schedule.grid(steps, shift, self.device)
@@ -301,6 +312,7 @@ class Text2Image:
                     "sampler": sampler,
                     "shift": str(shift),
                     "eta": str(eta),
+                    "cfg_interval": f"{cfg_interval[0]:g},{cfg_interval[1]:g}",
                     "objective": unet.objective.config.kind,
                     "vae_hash": hashes["vae"],
                     "clip_hash": hashes["clip"],

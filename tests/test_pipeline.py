@@ -289,6 +289,28 @@ def test_cli_grid_and_numbered(folders, tmp_path, capsys):
     assert [read_png_text(tmp_path / n)["seed"] for n in names] == ["9", "10", "11"]
 
 
+def test_cli_cfg_interval_and_compile_reach_the_image(folders, tmp_path, capsys, monkeypatch):
+    compiled = []
+
+    def fake_compile(module, **kwargs):  # the wiring, not inductor (minutes on a CPU)
+        compiled.append((type(getattr(module, "__self__", module)).__name__, kwargs))
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    common = ["generate", "black heart", "--steps", "4", "--seed", "9", *_runs_args(folders)]
+    full, limited = tmp_path / "full.png", tmp_path / "limited.png"
+    assert main([*common, "--cfg-interval", "0", "1", "--out", str(full)]) == 0
+    argv = [*common, "--cfg-interval", "0.3", "0.8", "--compile", "--out", str(limited)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "CFG 5.0 at flow times [0.3, 0.8]" in err and "compile + first run" in err
+    assert [name for name, _ in compiled] == ["UNet", "Decoder"]
+    assert all(kwargs == {"dynamic": False} for _, kwargs in compiled)
+    assert read_png_text(limited)["cfg_interval"] == "0.3,0.8"
+    assert read_png_text(full)["cfg_interval"] == "0,1"
+    assert Image.open(full).tobytes() != Image.open(limited).tobytes()
+
+
 def test_cli_reports_a_missing_export(folders, tmp_path, capsys):
     out = str(tmp_path / "x.png")
     code = main(["generate", "x", "--runs", str(tmp_path), "--preset", PRESET, "--out", out])

@@ -231,7 +231,7 @@ def test_pipeline_evaluate_writes_every_stage_and_prints_a_table(
         assert f"\n{stage} " in table
     unet = json.loads((copy / "tiny" / "unet" / "eval" / "metrics.json").read_text())["metrics"]
     for prompt_set in ("captions", "short"):
-        assert set(unet[prompt_set]) == {"clip_score", "r_precision", "fd"}
+        assert set(unet[prompt_set]) == {"clip_score", "r_precision", "fd", "seconds_per_image"}
         assert 0 <= unet[prompt_set]["r_precision"] <= 1
     assert {"colour_rate", "object_rate", "both_rate"} <= set(unet["probe"])
     vae = json.loads((copy / "tiny" / "vae" / "eval" / "metrics.json").read_text())["metrics"]

@@ -18,9 +18,12 @@ from stages.unet.samplers import (
     RowNoise,
     ancestral_sample,
     cfg_velocity,
+    check_cfg_interval,
     check_sampling,
     ddim_sample,
     euler_sample,
+    evaluation_times,
+    guided_rows,
     heun_sample,
     partial_grid,
     seeded_noise,
@@ -476,3 +479,85 @@ def test_image_to_image_runs_every_sampler_on_every_schedule():
             a = sampler(gaussian_velocity, noise, grid, RowNoise([0, 1]), init=x0)
             b = sampler(gaussian_velocity, noise, grid, RowNoise([0, 1]), init=x0)
             assert torch.isfinite(a).all() and torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------ guidance interval
+
+
+class RowCounter:
+    """Wraps a model and counts the image rows it evaluates (a doubled batch counts twice)."""
+
+    def __init__(self, model):
+        self.model, self.rows, self.times = model, 0, []
+
+    def __call__(self, x, t, cond):
+        self.rows += len(x)
+        self.times.append(float(t[0]))
+        return self.model(x, t, cond)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_an_interval_covering_every_step_gives_the_same_images(sampler):
+    model = CountingModel()
+    cond, null = condition(2, fill=2.0), condition(1, fill=-1.0)
+    noise, grid = torch.randn(2, 2, 4, 4), FlowSchedule().grid(5, shift=3.0)
+    eta = 0.5 if sampler == "ddim" else 0.0
+
+    def classic(y, tau):  # guidance at every evaluation, written out
+        v_cond, v_uncond = model(y, tau, cond), model(y, tau, null.expand(2))
+        return v_uncond + 5.0 * (v_cond - v_uncond)
+
+    def sample(velocity):
+        return SAMPLERS[sampler](velocity, noise, grid, RowNoise([3, 4]), eta)
+
+    counter = RowCounter(model)
+    reference = sample(cfg_velocity(counter, cond, null, 5.0))
+    torch.testing.assert_close(reference, sample(classic))
+    # (0, 1) and the exact span of the times this sampler evaluates both cover every step.
+    span = (min(counter.times), max(counter.times))
+    for interval in ((0.0, 1.0), span):
+        assert torch.equal(sample(cfg_velocity(model, cond, null, 5.0, interval)), reference)
+    # Narrowing it changes the images (guidance matters for this model).
+    assert not torch.allclose(sample(cfg_velocity(model, cond, null, 5.0, (0.3, 0.7))), reference)
+
+
+def test_outside_the_interval_only_the_conditional_branch_runs():
+    counter = RowCounter(CountingModel())
+    cond, null = condition(3, fill=2.0), condition(1, fill=-1.0)
+    x = torch.randn(3, 2, 4, 4)
+    grid = FlowSchedule().grid(10)  # evaluations at 1.0, 0.9, ..., 0.1
+    euler_sample(cfg_velocity(counter, cond, null, 5.0), x, grid)
+    assert counter.rows == 10 * 2 * 3  # every step guided: the doubled batch
+    counter.rows = 0
+    euler_sample(cfg_velocity(counter, cond, null, 5.0, (0.25, 0.75)), x, grid)
+    # 0.7, 0.6, 0.5, 0.4, 0.3 are guided (2B rows), the other five steps run B rows.
+    assert counter.rows == 5 * 2 * 3 + 5 * 3
+    # Outside the interval the velocity is the conditional one (scale 1 there).
+    t_out, t_in = torch.full((3,), 0.9), torch.full((3,), 0.5)
+    model = CountingModel()
+    limited = cfg_velocity(model, cond, null, 5.0, (0.25, 0.75))
+    torch.testing.assert_close(limited(x, t_out), model(x, t_out, cond))
+    torch.testing.assert_close(limited(x, t_in), cfg_velocity(model, cond, null, 5.0)(x, t_in))
+
+
+@pytest.mark.parametrize("interval", [(-0.1, 0.5), (0.2, 1.5), (0.8, 0.2), (0.5,)])
+def test_bad_intervals_are_refused_with_the_reason(interval):
+    with pytest.raises(ValueError, match="cfg_interval"):
+        cfg_velocity(CountingModel(), condition(1), condition(1), 5.0, interval)
+    with pytest.raises(ValueError, match="cfg_interval"):
+        check_sampling("euler", 20, 0.0, interval)
+    assert check_cfg_interval((0.2, 0.2)) == (0.2, 0.2)
+
+
+def test_evaluation_times_and_guided_rows_count_what_the_wrapper_runs():
+    grid = FlowSchedule().grid(10)
+    assert evaluation_times("euler", grid) == pytest.approx([1.0 - i / 10 for i in range(10)])
+    assert len(evaluation_times("heun", grid)) == 20
+    for sampler in ("euler", "heun"):
+        counter = RowCounter(CountingModel())
+        x = torch.randn(1, 2, 4, 4)
+        interval = (0.25, 0.75)
+        SAMPLERS[sampler](cfg_velocity(counter, condition(1), condition(1), 5.0, interval), x, grid)
+        times = evaluation_times(sampler, grid)
+        assert counter.rows == guided_rows(times, interval) < guided_rows(times, (0, 1))
+        assert guided_rows(times, interval, guided=False) == len(times)

@@ -108,6 +108,24 @@ def test_generate_returns_png_data_uris_with_settings(client, pipe):
     assert png == direct[1].png()
 
 
+def test_the_guidance_interval_reaches_the_pipeline_and_the_png(client, pipe):
+    assert client.get("/config").json()["cfg_interval"] == {
+        "min": 0.0,
+        "max": 1.0,
+        "default": [0.0, 1.0],
+    }
+    body = {"prompt": "red apple", "seed": 4, "steps": 4}
+    full = client.post("/generate", json=body).json()["images"][0]
+    same = client.post("/generate", json={**body, "cfg_interval": [0, 1]}).json()
+    assert same["images"][0]["data_uri"] == full["data_uri"]
+    limited = client.post("/generate", json={**body, "cfg_interval": [0.3, 0.8]}).json()
+    assert limited["settings"]["cfg_interval"] == [0.3, 0.8]
+    png = png_of(limited["images"][0]["data_uri"])
+    assert read_png_text(png)["cfg_interval"] == "0.3,0.8"
+    direct = pipe.generate(["red apple"], seed=4, steps=4, cfg_interval=(0.3, 0.8))
+    assert png == direct[0].png() and png != png_of(full["data_uri"])
+
+
 def test_same_seed_same_image_and_a_seed_is_picked_when_none_given(client):
     def first(body):
         response = client.post("/generate", json=body)
@@ -160,6 +178,10 @@ def test_raw_png_needs_n_1(client):
         ({"prompt": "x", "seed": -1}, "seed"),
         ({"prompt": "x", "sampler": "dpm++"}, "sampler"),
         ({"prompt": "x", "colour": "red"}, "colour"),
+        ({"prompt": "x", "cfg_interval": [-0.1, 0.5]}, "cfg_interval.0"),
+        ({"prompt": "x", "cfg_interval": [0.2, 1.5]}, "cfg_interval.1"),
+        ({"prompt": "x", "cfg_interval": [0.8, 0.2]}, "cfg_interval"),
+        ({"prompt": "x", "cfg_interval": [0.5]}, "cfg_interval.1"),
     ],
 )
 def test_bad_requests_get_a_readable_422(client, body, field):

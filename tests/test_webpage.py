@@ -149,6 +149,25 @@ def test_an_out_of_range_setting_shows_the_servers_message(browser, server_url):
     assert not browser.find_elements(By.CSS_SELECTOR, "#results img")
 
 
+def test_the_guidance_interval_is_sent_and_a_reversed_one_is_refused(browser, server_url):
+    wait = _open_page(browser, server_url)
+    lo, hi = (browser.find_element(By.ID, f"cfg_{end}") for end in ("lo", "hi"))
+    assert (lo.get_attribute("value"), hi.get_attribute("value")) == ("0", "1")
+    _set(browser, "prompt", "black heart")
+    _set(browser, "cfg_lo", "0.8")
+    _set(browser, "cfg_hi", "0.2")
+    browser.find_element(By.ID, "generate").click()
+    error = browser.find_element(By.ID, "error")
+    wait.until(lambda d: error.is_displayed())
+    assert "Invalid settings" in error.text and "cfg_interval" in error.text
+    _set(browser, "cfg_lo", "0.2")
+    _set(browser, "cfg_hi", "0.8")
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results img"))
+    settings = browser.find_element(By.CSS_SELECTOR, "#results .settings").text
+    assert "guided at t in [0.2, 0.8]" in settings
+
+
 def _results_png(browser) -> bytes:
     src = browser.find_element(By.CSS_SELECTOR, "#results img").get_attribute("src")
     return base64.b64decode(src.split(",", 1)[1])

@@ -42,6 +42,12 @@ async function loadConfig() {
   setRange("steps", config.steps);
   setRange("cfg_scale", config.cfg_scale);
   setRange("n", config.n);
+  if (config.cfg_interval) {
+    // The guidance interval [lo, hi] in flow time (1 = noise): two fields of one range.
+    const [lo, hi] = config.cfg_interval.default;
+    setRange("cfg_lo", { ...config.cfg_interval, default: lo });
+    setRange("cfg_hi", { ...config.cfg_interval, default: hi });
+  }
   field("seed").max = config.seed.max;
   field("prompt").maxLength = config.prompt.max_chars;
   field("negative_prompt").maxLength = config.negative_prompt.max_chars;
@@ -118,6 +124,7 @@ async function requestBody() {
     prompt: field("prompt").value,
     negative_prompt: field("negative_prompt").value,
     cfg_scale: Number(field("cfg_scale").value),
+    cfg_interval: [Number(field("cfg_lo").value), Number(field("cfg_hi").value)],
     steps: Number(field("steps").value),
     seed: seed === "" ? null : Number(seed),
     sampler: field("sampler").value,
@@ -138,6 +145,7 @@ function describe(settings) {
     `seed ${settings.seed}`,
     `steps ${settings.steps}`,
     `CFG ${settings.cfg_scale}`,
+    settings.cfg_interval ? `guided at t in [${settings.cfg_interval.join(", ")}]` : null,
     `sampler ${settings.sampler}`,
     settings.strength !== undefined ? `from an image at strength ${settings.strength}` : null,
   ];

@@ -273,7 +273,7 @@ class Evaluator:
             if self.text is not None:
                 cond = self.text.encode_text(captions[i : i + len(chunk_seeds)]).to(device)
                 null = self.text.null.to(device)
-            velocity = cfg_velocity(velocity_model, cond, null, s.cfg_scale)
+            velocity = cfg_velocity(velocity_model, cond, null, s.cfg_scale, s.cfg_interval)
             noise = seeded_noise(self.latent_shape, chunk_seeds).to(device)
             sampler = SAMPLERS[s.sampler]
             out.append(sampler(velocity, noise, grid, RowNoise(chunk_seeds), s.eta))

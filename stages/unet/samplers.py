@@ -24,6 +24,12 @@ the path's own state at that time. In this coordinate (x0_hat, eps_hat) =
   The path in y is the DDPM chain rescaled per step, so on DDPM's own grid this is
   exactly DDPM's update, and it equals DDIM with eta = 1.
 
+Classifier-free guidance is a wrapper around the velocity (``cfg_velocity``, k-diffusion
+style), so every sampler and objective gets it, and so does its **guidance interval**
+(Kynkäänniemi et al. 2024): guidance only where the flow time tau of an evaluation lies in
+``[lo, hi]``; elsewhere the conditional branch alone runs, on half the batch. ``(0, 1)``
+guides every evaluation (the classic sampler, bit for bit).
+
 Stochastic samplers draw z from ``rng`` (a ``RowNoise``: one CPU generator per image, so an
 image depends on its seed only, never on the batch it was drawn in).
 """
@@ -50,10 +56,31 @@ class SamplingConfig:
     shift: float = 1.0
     eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 = ancestral; only for "ddim"
     clip_x0: bool = False  # clamp x0_hat to [-1, 1] at every step (pixel space, as DDPM)
+    # Flow times [lo, hi] at which guidance applies; (0, 1): every evaluation.
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
 
 
-def check_sampling(sampler: str, steps: int, eta: float) -> None:
+FULL_INTERVAL = (0.0, 1.0)
+
+
+def check_cfg_interval(interval: Sequence[float]) -> tuple[float, float]:
+    """``interval`` as a (lo, hi) tuple of floats; a clear error unless 0 <= lo <= hi <= 1."""
+    values = tuple(interval)
+    if len(values) != 2:
+        raise ValueError(f"cfg_interval must be two flow times [lo, hi], got {list(values)}")
+    lo, hi = (float(v) for v in values)
+    if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
+        raise ValueError(f"cfg_interval [{lo:g}, {hi:g}]: both ends must be in [0, 1]")
+    if lo > hi:
+        raise ValueError(f"cfg_interval [{lo:g}, {hi:g}]: lo must not exceed hi")
+    return lo, hi
+
+
+def check_sampling(
+    sampler: str, steps: int, eta: float, cfg_interval: Sequence[float] = FULL_INTERVAL
+) -> None:
     """Clear errors for settings no sampler accepts."""
+    check_cfg_interval(cfg_interval)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
     if steps < 1:
@@ -206,13 +233,42 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def cfg_velocity(model: Callable[..., torch.Tensor], cond: Any, uncond: Any, scale: float):
+def evaluation_times(sampler: str, grid: torch.Tensor) -> list[float]:
+    """The flow times at which ``sampler`` evaluates the velocity on ``grid``, in order
+    (found by running it on a zero field: the samplers' time points do not depend on it)."""
+    times: list[float] = []
+
+    def record(y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        times.append(float(tau[0]))
+        return torch.zeros_like(y)
+
+    SAMPLERS[sampler](record, torch.zeros(1, 1, 1, 1), grid.cpu())
+    return times
+
+
+def guided_rows(times: Sequence[float], interval: Sequence[float], guided: bool = True) -> int:
+    """UNet rows per image over ``times``: 2 inside the guidance interval, 1 outside (and
+    everywhere when nothing is guided: scale 1 or no text)."""
+    lo, hi = check_cfg_interval(interval)
+    return sum(2 if guided and lo <= t <= hi else 1 for t in times)
+
+
+def cfg_velocity(
+    model: Callable[..., torch.Tensor],
+    cond: Any,
+    uncond: Any,
+    scale: float,
+    interval: Sequence[float] = FULL_INTERVAL,
+):
     """v = v_u + s (v_c - v_u), both branches in one forward over the doubled batch.
 
     ``model(y, tau, cond) -> v`` (an ``Objective.velocity``); ``cond`` a ``TextCondition``
     of batch B, ``uncond`` batch B or 1 (the null condition, repeated). With ``cond`` None
     (an unconditional model) or ``scale`` 1 a single forward is exact and is what runs.
+    ``interval`` = [lo, hi] in flow time: an evaluation at tau outside it runs the
+    conditional branch alone (batch B instead of 2B), i.e. guidance scale 1 there.
     """
+    lo, hi = check_cfg_interval(interval)
     if cond is None:
         return lambda y, tau: model(y, tau, None)
     if scale == 1.0:
@@ -225,6 +281,9 @@ def cfg_velocity(model: Callable[..., torch.Tensor], cond: Any, uncond: Any, sca
     both = type(cond).cat([cond, uncond.to(cond.tokens.device, cond.tokens.dtype)])
 
     def velocity(y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        # tau (B,): the samplers evaluate the whole batch at one time, so row 0 decides.
+        if not lo <= float(tau[0]) <= hi:
+            return model(y, tau, cond).float()
         v = model(torch.cat([y, y]), torch.cat([tau, tau]), both)
         v_cond, v_uncond = v.float().chunk(2)
         return v_uncond + scale * (v_cond - v_uncond)

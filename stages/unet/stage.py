@@ -126,7 +126,7 @@ class UNetStage:
                     f"exist: run `make {name} PRESET={ctx.preset}` first"
                 )
         s = config.sample
-        check_sampling(s.sampler, s.steps, s.eta)
+        check_sampling(s.sampler, s.steps, s.eta, s.cfg_interval)
         self.vae: LoadedVAE | IdentityAutoencoder = (
             load_vae(exports["vae"], device=ctx.device)
             if "vae" in exports
