@@ -12,6 +12,7 @@ folders given), call it, write PNGs. Sampling defaults come from ``SampleConfig`
     python -m pipeline serve --host 127.0.0.1 --port 8000
     python -m pipeline demo --out runs/tiny/demo.png
     python -m pipeline evaluate --preset tiny        # each stage's figures, as a table
+    python -m pipeline export-diffusers --preset tiny out/minisd-tiny   # a diffusers folder
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from stages.common.config import ConfigError, load_config
 from stages.common.export import ExportError
+from stages.common.interop import MissingExtra
 from stages.unet.samplers import SAMPLERS, SamplingConfig
 
 from .init_image import InitImageError, read_init_image
@@ -132,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--probe-seeds", type=int, default=4, help="images per probe prompt")
     _add_sampling_args(ev, with_prompt_options=False)
     _add_model_args(ev)
+
+    exp = commands.add_parser(
+        "export-diffusers",
+        help="write the exports as a diffusers pipeline folder (needs the interop extra)",
+    )
+    exp.add_argument("out", type=Path, help="the folder to write (must not exist)")
+    group = exp.add_argument_group("models")
+    group.add_argument("--preset", default="tiny", help="runs/<preset>/... and configs/<preset>")
+    group.add_argument("--runs", type=Path, default=Path("runs"), help="runs folder")
+    for stage in ("vae", "clip", "unet"):
+        group.add_argument(f"--{stage}", type=Path, help=f"{stage} export folder")
     return parser
 
 
@@ -352,12 +365,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_diffusers(args: argparse.Namespace) -> int:
+    from .export_diffusers import export_diffusers
+
+    # The preset's sample.toml over the defaults the UNet export recorded, as `generate`.
+    sample = load_config(SampleConfig, args.preset, "sample")
+    start = time.perf_counter()
+    out = export_diffusers(export_folders(args), args.out, sample)
+    print(f"diffusers pipeline written in {time.perf_counter() - start:.1f} s: {out}")
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "interactive": cmd_interactive,
     "serve": cmd_serve,
     "demo": cmd_demo,
     "evaluate": cmd_evaluate,
+    "export-diffusers": cmd_export_diffusers,
 }
 
 
@@ -365,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ExportError, ConfigError, ValueError) as err:
+    except (ExportError, ConfigError, ValueError, MissingExtra) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
