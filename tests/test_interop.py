@@ -40,7 +40,7 @@ from stages.unet.interop import check_exportable as check_unet
 from stages.unet.stage import UNetStageConfig
 from stages.vae.export import load_vae
 from stages.vae.importer import main as import_main
-from stages.vae.interop import config_from_diffusers
+from stages.vae.interop import config_from_diffusers, from_diffusers
 from stages.vae.model import VAEModelConfig
 
 PROMPTS = ["red apple; flat colour emoji", "blue heart", "a " + "long " * 30 + "caption"]
@@ -186,6 +186,24 @@ def test_an_autoencoder_we_cannot_express_is_refused_naming_the_key(change, key)
     config = {**dict(DiffusersVAE(**levels).config), **change}
     with pytest.raises(ConfigError, match=f"'{key}'"):
         config_from_diffusers(config)
+
+
+def test_sd_files_legacy_attention_names_convert_to_the_same_weights():
+    """Stable Diffusion's own VAE files name the mid attention query/key/value/proj_attn."""
+    kwargs = {"block_out_channels": (8, 16), "norm_num_groups": 4, "layers_per_block": 1}
+    levels = {"down_block_types": ("DownEncoderBlock2D",) * 2}
+    levels["up_block_types"] = ("UpDecoderBlock2D",) * 2
+    state = DiffusersVAE(**kwargs, **levels).state_dict()
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    old = dict(state)
+    for key in list(old):
+        for new, name in legacy.items():
+            if f".attentions.0.{new}." in key:
+                old[key.replace(new, name)] = old.pop(key)
+    cfg = config_from_diffusers(dict(DiffusersVAE(**kwargs, **levels).config))
+    converted, reference = from_diffusers(old, cfg), from_diffusers(state, cfg)
+    assert converted.keys() == reference.keys()
+    assert all(torch.equal(converted[k], reference[k]) for k in reference)
 
 
 def _resolved_unet(preset: str) -> tuple[UNetStageConfig, object]:

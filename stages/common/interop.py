@@ -21,13 +21,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
-from .export import ExportError
+from .export import PICKLE_SUFFIXES, ExportError
 from .shards import UnsafeFile, open_regular
 
 EXTRA = "interop"
 INSTALL = f"pip install -e '.[{EXTRA}]'"
-# Formats that unpickle on load (torch.save, pickle, joblib): never opened, only refused.
-PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".joblib"})
 
 
 class MissingExtra(ImportError):

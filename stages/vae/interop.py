@@ -18,6 +18,7 @@ A diffusers config this network cannot express is refused with its key named.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -163,7 +164,7 @@ def _module_pairs(cfg: VAEModelConfig) -> tuple[list[tuple[str, str]], list[tupl
     return plain, attention
 
 
-def _renames(keys, cfg: VAEModelConfig) -> dict[str, str]:
+def _renames(keys: Iterable[str], cfg: VAEModelConfig) -> dict[str, str]:
     """Our key -> diffusers key, for every tensor converted by renaming alone (all but the
     mid-block attentions)."""
     renames = dict(_module_pairs(cfg)[0])
