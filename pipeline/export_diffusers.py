@@ -136,6 +136,9 @@ image = pipe("a red apple", generator=[torch.Generator().manual_seed(42)]).image
 - Sampling defaults: {sampling.steps} Euler steps, guidance {sampling.cfg_scale}, shift
   {sampling.shift} (the scheduler's). Unconditional branch: the encoding of "" (or the
   negative prompt). A list of CPU generators seeded seed + i gives minisd's own noise.
+  The pipeline hands the scheduler minisd's grid, `sigmas = linspace(1, 0, steps + 1)[:-1]`
+  (it shifts them and ends at 0); a bare `set_timesteps(steps)` spaces them slightly
+  differently (down to 1/1000, then 0).
 - Latents: the UNet works on `(z - latents_mean) / latents_std`, per channel, from
   `vae.config`; decode with `vae.decode(x * latents_std + latents_mean)`
   (`scaling_factor` is 1). Encode an image with `vae.encode(x).latent_dist.mean`, then
