@@ -62,7 +62,7 @@ setup: $(STAMP)
 # CPU-only wheel lying on the machine out, since torchvision will not import against it.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	PIP_FIND_LINKS= $(PY) -m pip install --disable-pip-version-check -q -e '.[dev,serve,bench]'
+	PIP_FIND_LINKS= $(PY) -m pip install --disable-pip-version-check -q -e '.[dev,serve,bench,interop]'
 	touch $@
 
 # `make data` builds the data set of the chosen preset's resolution (32 px for tiny, whose

@@ -15,8 +15,9 @@ The peers mirror them layer for layer:
         Linear, exactly our ``pooled_proj``). The sinusoid is [cos, sin] with no shift in both.
         diffusers fixes the GEGLU width at 4x: its FeedForward modules are rebuilt at ff_mult.
     AutoencoderKL  block_out_channels = base * channel_mult, layers_per_block =
-        num_res_blocks, latent_channels, no quant convs (ours has none).
+        num_res_blocks, latent_channels, quant convs as ours (none in the presets).
 
+The configs are ``stages/{unet,vae}/interop.py``'s, which the diffusers export uses too.
 ``equal_parameters`` is what tests/test_bench.py checks: the counts agree within 1%.
 """
 
@@ -34,7 +35,9 @@ from torch import nn
 
 from stages.clip.model import CLIPModelConfig, TextEncoder
 from stages.common.config import CONFIGS_DIR, ConfigError, from_dict, merge, to_dict
+from stages.unet.interop import diffusers_unet_kwargs
 from stages.unet.model import UNet, UNetConfig
+from stages.vae.interop import diffusers_vae_kwargs
 from stages.vae.model import AutoencoderKL, VAEModelConfig
 
 T = TypeVar("T")
@@ -80,57 +83,6 @@ def unet_config(latent_side: int, preset: str = PRESET) -> UNetConfig:
         context_dim=clip_config(preset).text.width,
         sample_size=latent_side,
     )
-
-
-def diffusers_unet_kwargs(cfg: UNetConfig) -> dict[str, Any]:
-    """UNet2DConditionModel arguments equal to our ``cfg`` (see the module docstring)."""
-    channels = tuple(cfg.base_channels * m for m in cfg.channel_mult)
-    sides = [cfg.sample_size // 2**i for i in range(len(channels))]
-    attention = [side in cfg.attention_resolutions for side in sides]
-    return {
-        "sample_size": cfg.sample_size,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.in_channels,
-        "down_block_types": tuple(
-            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention
-        ),
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": tuple(
-            "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)
-        ),
-        "block_out_channels": channels,
-        "layers_per_block": cfg.num_res_blocks,
-        "norm_num_groups": cfg.groups,
-        "norm_eps": 1e-6,
-        "cross_attention_dim": cfg.context_dim,
-        "attention_head_dim": tuple(max(1, c // cfg.head_dim) for c in channels),
-        "transformer_layers_per_block": cfg.transformer_depth,
-        "use_linear_projection": True,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "class_embed_type": "simple_projection",
-        "projection_class_embeddings_input_dim": cfg.context_dim,
-        "dropout": cfg.dropout,
-        # ours: norm2(h) * (1 + scale) + shift, as diffusers' ResnetBlock2D "scale_shift"
-        "resnet_time_scale_shift": "scale_shift" if cfg.scale_shift else "default",
-    }
-
-
-def diffusers_vae_kwargs(cfg: VAEModelConfig) -> dict[str, Any]:
-    levels = len(cfg.channel_mult)
-    return {
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.in_channels,
-        "down_block_types": ("DownEncoderBlock2D",) * levels,
-        "up_block_types": ("UpDecoderBlock2D",) * levels,
-        "block_out_channels": tuple(cfg.base_channels * m for m in cfg.channel_mult),
-        "layers_per_block": cfg.num_res_blocks,
-        "latent_channels": cfg.latent_channels,
-        "norm_num_groups": cfg.norm_groups,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-        "mid_block_add_attention": cfg.mid_attention,
-    }
 
 
 def our_unet(cfg: UNetConfig) -> UNet:

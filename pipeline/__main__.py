@@ -13,6 +13,7 @@ folders given), call it, write PNGs. Sampling defaults come from ``SampleConfig`
     python -m pipeline demo --out runs/tiny/demo.png
     python -m pipeline evaluate --preset tiny        # each stage's figures, as a table
     python -m pipeline sweep --preset tiny           # quality vs seconds per image
+    python -m pipeline export-diffusers --preset tiny out/minisd-tiny   # a diffusers folder
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from stages.common.config import ConfigError, load_config
 from stages.common.export import ExportError
+from stages.common.interop import MissingExtra
 from stages.unet.samplers import SAMPLERS, SamplingConfig, check_cfg_interval
 
 from .compiled import compile_models, warm_up
@@ -162,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sampling_args(sweep, with_prompt_options=False)
     _add_model_args(sweep)
+    exp = commands.add_parser(
+        "export-diffusers",
+        help="write the exports as a diffusers pipeline folder (needs the interop extra)",
+    )
+    exp.add_argument("out", type=Path, help="the folder to write (must not exist)")
+    group = exp.add_argument_group("models")
+    group.add_argument("--preset", default="tiny", help="runs/<preset>/... and configs/<preset>")
+    group.add_argument("--runs", type=Path, default=Path("runs"), help="runs folder")
+    for stage in ("vae", "clip", "unet"):
+        group.add_argument(f"--{stage}", type=Path, help=f"{stage} export folder")
     return parser
 
 
@@ -439,6 +451,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_diffusers(args: argparse.Namespace) -> int:
+    from .export_diffusers import export_diffusers
+
+    # The preset's sample.toml over the defaults the UNet export recorded, as `generate`.
+    sample = load_config(SampleConfig, args.preset, "sample")
+    start = time.perf_counter()
+    out = export_diffusers(export_folders(args), args.out, sample)
+    print(f"diffusers pipeline written in {time.perf_counter() - start:.1f} s: {out}")
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "interactive": cmd_interactive,
@@ -446,6 +469,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "evaluate": cmd_evaluate,
     "sweep": cmd_sweep,
+    "export-diffusers": cmd_export_diffusers,
 }
 
 
@@ -453,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ExportError, ConfigError, ValueError) as err:
+    except (ExportError, ConfigError, ValueError, MissingExtra) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -21,14 +21,12 @@ from typing import Any
 import torch
 
 from stages.clip.export import LoadedCLIP, load_clip
-from stages.common.export import ExportError, check_upstream, read_export
+from stages.common.export import PICKLE_SUFFIXES, ExportError, check_upstream, read_export
 from stages.common.shards import UnsafeFile, open_regular
 from stages.unet.export import InputsConfig, LoadedUNet, load_unet
 from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
 
 STAGES = ("vae", "clip", "unet")
-# Formats that unpickle on load (torch.save, pickle, joblib): never opened, only refused.
-PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".joblib"})
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
 
 

@@ -37,6 +37,8 @@ from .shards import (
 
 EXPORT_FORMAT = "minisd-export/1"
 WEIGHTS = "model.safetensors"
+# Formats that unpickle on load (torch.save, pickle, joblib): never opened, only refused.
+PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".joblib"})
 
 
 class ExportError(ValueError):

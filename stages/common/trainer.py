@@ -71,7 +71,7 @@ from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoint import Checkpoint, CheckpointError, CheckpointManager
-from .config import ConfigError, changed_keys, to_dict
+from .config import ConfigError, changed_keys, merge, to_dict
 from .ema import EMA
 from .finetune import INIT_FILE, InitConfig, freeze, load_init
 from .log import MetricsLog, available_trackers, flat_config, progress_bar
@@ -395,6 +395,9 @@ class Trainer:
         saved, current = checkpoint.read("config"), to_dict(self.cfg)
         # Checkpoints from before fine-tuning existed have no init section: random weights.
         saved.setdefault("init", to_dict(InitConfig()))
+        # A key added to the code since the checkpoint was written takes its default (keys
+        # are added with the default that keeps the old behaviour).
+        saved = merge(to_dict(type(self.cfg)()), saved)
         bad = unsafe_changes(saved, current, tuple(getattr(self.stage, "resume_safe_keys", ())))
         if bad:
             changes = ", ".join(f"{k} ({_get(saved, k)!r} -> {_get(current, k)!r})" for k in bad)

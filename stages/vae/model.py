@@ -4,6 +4,9 @@ Encoder: conv_in -> per level [ResnetBlock x num_res_blocks, Downsample except t
 mid [ResnetBlock, SelfAttention, ResnetBlock] -> GroupNorm, SiLU, conv_out to 2C channels
 (posterior mean and log-variance). The decoder mirrors it with num_res_blocks + 1 blocks per
 level and nearest-neighbour upsampling. The downsampling factor is 2 ** (len(channel_mult) - 1).
+``quant_conv`` adds Stable Diffusion's two 1x1 convolutions (on the 2C moments after the
+encoder, on z before the decoder): off for the VAEs trained here, on for one imported from
+diffusers that has them (SD's own), so its weights load unchanged.
 The network knows nothing of losses: ``stages.vae.loss`` owns the maths.
 """
 
@@ -34,6 +37,7 @@ class VAEModelConfig:
     logvar_min: float = -30.0  # the posterior log-variance is clamped to this range
     logvar_max: float = 20.0
     gradient_checkpointing: bool = False  # recompute blocks in backward (512 px on small GPUs)
+    quant_conv: bool = False  # SD's 1x1 quant_conv / post_quant_conv (imported VAEs only)
 
     def __post_init__(self) -> None:
         if not self.channel_mult:
@@ -249,6 +253,10 @@ class AutoencoderKL(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        channels = config.latent_channels
+        # Created only when on: the state dict of a VAE without them keeps its keys.
+        self.quant_conv = nn.Conv2d(2 * channels, 2 * channels, 1) if config.quant_conv else None
+        self.post_quant_conv = nn.Conv2d(channels, channels, 1) if config.quant_conv else None
 
     @property
     def factor(self) -> int:
@@ -286,10 +294,15 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         self._check(x)
-        mean, logvar = self.encoder(x).chunk(2, dim=1)  # each (B,C,h,w)
+        moments = self.encoder(x)  # (B,2C,h,w)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)  # each (B,C,h,w)
         return DiagonalGaussian(mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
         return self.decoder(z)
 
     def forward(

@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from stages.common.checkpoint import CheckpointConfig
-from stages.common.config import ConfigError, to_dict
+from stages.common.config import ConfigError, merge, to_dict
 from stages.common.data import DataConfig, ShardLoader, iter_split
 from stages.common.ema import EMAConfig
 from stages.common.export import load_tensors, read_export
@@ -191,7 +191,8 @@ class VAEStage:
         def arch(model: dict) -> dict:  # a memory switch, not the architecture
             return {k: v for k, v in model.items() if k != "gradient_checkpointing"}
 
-        recorded = manifest.get("info", {}).get("model", {})
+        # An export written before a model key existed has that key's default.
+        recorded = merge(to_dict(VAEModelConfig()), manifest.get("info", {}).get("model", {}))
         check_same_model(arch(recorded), arch(to_dict(self.config.model)), folder)
         state = load_tensors(folder)
         if self.colour_basis is not None:  # exports are plain: unfold the basis from conv_in
