@@ -113,6 +113,7 @@ def _pipeline_source(sampling: SamplingConfig) -> str:
     for line, value in (
         ("DEFAULT_STEPS = ", sampling.steps),
         ("DEFAULT_GUIDANCE = ", sampling.cfg_scale),
+        ("DEFAULT_CFG_INTERVAL = ", tuple(float(x) for x in sampling.cfg_interval)),
     ):
         old = next(s for s in source.splitlines() if s.startswith(line))
         source = source.replace(old, f"{line}{value!r}", 1)

@@ -8,12 +8,14 @@ numpy, PIL and diffusers) that samples as ``pipeline.text2image`` does:
     x_1    = latents, or noise drawn per image from ``generator`` (a list of CPU generators
              seeded seed + i gives exactly our pipeline's noise)
     grid   = linspace(1, 0, steps + 1) shifted by the scheduler's ``shift`` (ours)
-    x_0    = Euler steps of v = v_u + s (v_c - v_u), both branches in one forward
+    x_0    = Euler steps of v = v_u + s (v_c - v_u), both branches in one forward, at the
+             grid points sigma inside ``cfg_interval`` [lo, hi]; v = v_c alone outside it
+             (the guidance interval, Kynkaanniemi et al. 2024)
     image  = vae.decode(x_0 * latents_std + latents_mean)  (our per-channel statistics,
              stored in the VAE config; its scaling_factor is 1)
 
-The export writes its preset's sampling defaults over ``DEFAULT_STEPS`` and
-``DEFAULT_GUIDANCE``; the scheduler's config holds the shift.
+The export writes its preset's sampling defaults over ``DEFAULT_STEPS``,
+``DEFAULT_GUIDANCE`` and ``DEFAULT_CFG_INTERVAL``; the scheduler's config holds the shift.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
+DEFAULT_CFG_INTERVAL = (0.0, 1.0)
 
 
 class MinisdPipeline(DiffusionPipeline):
@@ -97,6 +100,7 @@ class MinisdPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE,
+        cfg_interval: tuple[float, float] = DEFAULT_CFG_INTERVAL,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -116,8 +120,12 @@ class MinisdPipeline(DiffusionPipeline):
         sigmas = torch.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].numpy()
         self.scheduler.set_timesteps(sigmas=sigmas, device=device)
         y = noise.to(device, torch.float32) * self.scheduler.sigmas[0]
-        for t in self.progress_bar(self.scheduler.timesteps):
-            v = self._velocity(y, t, cond, uncond, guidance_scale)
+        lo, hi = cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval {cfg_interval}: need 0 <= lo <= hi <= 1")
+        for sigma, t in zip(self.scheduler.sigmas, self.progress_bar(self.scheduler.timesteps)):
+            scale = guidance_scale if lo <= float(sigma) <= hi else 1.0  # 1: conditional only
+            v = self._velocity(y, t, cond, uncond, scale)
             y = self.scheduler.step(v, t, y).prev_sample
         if output_type == "latent":
             images = y

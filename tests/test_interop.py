@@ -29,7 +29,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from pipeline.__main__ import main as pipeline_main
 from pipeline.load import load_models
-from pipeline.text2image import Text2Image
+from pipeline.text2image import SampleConfig, Text2Image
 from stages.clip.export import load_clip
 from stages.clip.model import CLIPModelConfig
 from stages.common.config import ConfigError, from_dict, load_config, merge, to_dict
@@ -79,8 +79,13 @@ def test_the_folder_is_safetensors_json_and_the_pipeline_source(exported):
     assert {p.suffix for p in files} <= {".json", ".safetensors", ".py", ".md"}
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_minisd", "MinisdPipeline"]
-    assert json.loads((out / "minisd.json").read_text())["sampling"]["steps"] == 20
-    assert "DEFAULT_STEPS = 20" in (out / "pipeline_minisd.py").read_text()
+    preset = load_config(SampleConfig, "tiny", "sample")  # the export takes the preset's
+    sampling = json.loads((out / "minisd.json").read_text())["sampling"]
+    assert sampling["steps"] == preset.steps
+    source = (out / "pipeline_minisd.py").read_text()
+    assert f"DEFAULT_STEPS = {preset.steps}" in source
+    lo, hi = preset.cfg_interval
+    assert f"DEFAULT_CFG_INTERVAL = ({float(lo)!r}, {float(hi)!r})" in source
     with pytest.raises(ExportError, match="exists"):  # never written over
         from pipeline.export_diffusers import export_diffusers
 
@@ -98,6 +103,7 @@ def test_diffusers_draws_our_images_from_the_same_prompt_seed_and_noise(exported
             dict(cfg_scale=5.0, shift=1.0, negative=None),
             dict(cfg_scale=3.0, shift=2.0, negative="green"),  # a negative prompt, SD3's shift
             dict(cfg_scale=1.0, shift=1.0, negative=None),  # one forward, no guidance
+            dict(cfg_scale=5.0, shift=0.5, negative=None, interval=(0.2, 0.8)),  # issue 20
         ]
         for case in cases:
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
@@ -105,13 +111,14 @@ def test_diffusers_draws_our_images_from_the_same_prompt_seed_and_noise(exported
             )
             mine = ours.generate(
                 PROMPTS, case["negative"], seed=7, steps=5, cfg_scale=case["cfg_scale"],
-                shift=case["shift"],
+                shift=case["shift"], cfg_interval=case.get("interval", (0.0, 1.0)),
             )  # fmt: skip
             # A CPU generator per image seeded seed + i is exactly our noise.
             generators = [torch.Generator().manual_seed(7 + i) for i in range(len(PROMPTS))]
             theirs = pipe(
                 PROMPTS, case["negative"], num_inference_steps=5,
                 guidance_scale=case["cfg_scale"], generator=generators,
+                cfg_interval=case.get("interval", (0.0, 1.0)),
             ).images  # fmt: skip
             for a, b in zip(mine, theirs):
                 assert _max_pixel_diff(a.image, b) <= 1, case
