@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch.distributed
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
@@ -132,3 +133,7 @@ def run_stage(
         return EXIT_ABORTED
     finally:
         lock.release()
+        if state.num_processes > 1 and torch.distributed.is_initialized():
+            # Joined here, not in the interpreter's teardown, where gloo's threads can abort
+            # a rank that finished cleanly ("terminate called without an active exception").
+            torch.distributed.destroy_process_group()
