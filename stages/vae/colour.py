@@ -65,3 +65,9 @@ def whitening(cov: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
 def in_basis(matrix: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Apply the (3, 3) ``matrix`` to every pixel of (B, 3, H, W) ``images``."""
     return torch.einsum("ij,bjhw->bihw", matrix.to(images), images)
+
+
+def fold_into_conv(weight: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """The (out, 3, k, k) weight of a zero-padded conv on ``x`` that equals the conv of
+    ``weight`` on ``matrix x``: ``weight'[o, c] = sum_j weight[o, j] matrix[j, c]``."""
+    return torch.einsum("ojhw,jc->ochw", weight, matrix.to(weight))

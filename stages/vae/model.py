@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stages.common.config import ConfigError
 
-from .colour import in_basis
+from .colour import fold_into_conv, in_basis
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ class AutoencoderKL(nn.Module):
         basis = self.encoder.input_basis
         if basis is not None:
             weight = state["encoder.conv_in.weight"]  # (out, 3, k, k)
-            state["encoder.conv_in.weight"] = torch.einsum("ojhw,jc->ochw", weight, basis)
+            state["encoder.conv_in.weight"] = fold_into_conv(weight, basis)
         return state
 
     def _check(self, x: torch.Tensor) -> None:

@@ -38,7 +38,7 @@ from stages.common.stage import RunContext
 from stages.common.trainer import TrainConfig, unwrap
 
 from .augment import AugmentConfig, build_augment
-from .colour import colour_covariance, spread_images, whitening
+from .colour import colour_covariance, fold_into_conv, spread_images, whitening
 from .discriminator import NLayerDiscriminator
 from .evaluate import colours_kept, reconstruction_report, save_worst_grid
 from .export import save_vae_export
@@ -196,9 +196,10 @@ class VAEStage:
         check_same_model(arch(recorded), arch(to_dict(self.config.model)), folder)
         state = load_tensors(folder)
         if self.colour_basis is not None:  # exports are plain: unfold the basis from conv_in
-            weight = state["encoder.conv_in.weight"]  # (out, 3, k, k)
-            inverse = torch.linalg.inv(self.colour_basis.double()).to(weight)
-            state["encoder.conv_in.weight"] = torch.einsum("ojhw,jc->ochw", weight, inverse)
+            inverse = torch.linalg.inv(self.colour_basis.double())
+            state["encoder.conv_in.weight"] = fold_into_conv(
+                state["encoder.conv_in.weight"], inverse
+            )
         return {"vae": state}, manifest["hash"]
 
     def train_loader(self, rank: int, world_size: int) -> ShardLoader:
