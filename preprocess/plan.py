@@ -77,10 +77,6 @@ class Plan:
     records: dict[str, str]  # key -> record digest, checked again when the pixels are read
     skipped: dict[str, Counter] = field(default_factory=dict)  # split -> reason -> count
 
-    @property
-    def num_candidates(self) -> int:
-        return len(self.assignment)
-
 
 def _skip_reason(sample: RawSample, seen_keys: set[str], seen_images: set[str]) -> str | None:
     if sample.key in seen_keys:

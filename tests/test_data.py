@@ -261,7 +261,7 @@ def test_resume_does_not_decode_skipped_samples(tiny_shards, monkeypatch):
     loader.load_state_dict({"position": 8 * 40, "seed": 2, "num_samples": 96})
     batch = next(iter(loader))
     assert len(calls) == 8 and len(reads) == 16  # one batch: 8 images + 8 captions
-    assert loader.state_dict()["position"] == 8 * 41 and loader.epoch == 3
+    assert loader.state_dict()["position"] == 8 * 41 and loader.state_dict()["epoch"] == 3
     expected = take_keys(ShardLoader(split, 8, 16, seed=2), 41)[-1]
     assert batch["key"] == expected
 

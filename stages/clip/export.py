@@ -212,11 +212,6 @@ class LoadedCLIP:
         """(B, E) L2-normalised image embeddings of normalised latents or [-1, 1] pixels."""
         return F.normalize(self.image(x.to(self.device, torch.float32)), dim=-1)
 
-    @torch.no_grad()
-    def similarity(self, x: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """(B,) cosine similarity of each image with its caption (a CLIP score / 100)."""
-        return (self.embed_images(x) * self.embed_texts(captions)).sum(dim=-1)
-
 
 def load_clip(
     folder: Path, device: torch.device | str = "cpu", vae_hash: str | None = None

@@ -577,10 +577,6 @@ class ShardLoader:
             pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         )
 
-    @property
-    def epoch(self) -> int:
-        return self.batches.epoch
-
     def state_dict(self) -> dict[str, Any]:
         return {**self.batches.state_dict(), "skipped": self.skipped_total}
 

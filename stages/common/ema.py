@@ -8,15 +8,14 @@ drawn side by side. Update ``t`` (counting from 0) uses
 
 so the first update copies the weights (decay_0 = 0) and early averages forget the random
 initialisation quickly. Floating parameters and buffers are averaged; integer buffers
-(``num_batches_tracked``) are copied. ``swap`` and ``copy_to`` put the average into the
-training modules where a caller needs it there.
+(``num_batches_tracked``) are copied. Nothing copies the average back into the trained
+modules: callers that want it use ``ema.modules`` directly.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,27 +76,6 @@ class EMA:
         for name, module in modules.items():
             for avg, cur in _pairs(self.modules[name], module):
                 avg.copy_(cur)
-
-    @torch.no_grad()
-    def copy_to(self, modules: Mapping[str, nn.Module]) -> None:
-        """Overwrite ``modules``' weights with the average."""
-        for name, module in modules.items():
-            for avg, cur in _pairs(self.modules[name], module):
-                cur.copy_(avg)
-
-    @contextmanager
-    def swap(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:
-        """Inside the block ``modules`` hold the average; their own weights come back after."""
-        saved = {
-            n: {k: v.detach().clone() for k, v in m.state_dict().items()}
-            for n, m in modules.items()
-        }
-        self.copy_to(modules)
-        try:
-            yield
-        finally:
-            for name, module in modules.items():
-                module.load_state_dict(saved[name])
 
     def state_dict(self) -> dict[str, object]:
         """``{"step": int, "modules": {name: {key: tensor}}}`` (tensors only, no pickling needed)."""
