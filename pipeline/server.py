@@ -49,6 +49,8 @@ from pydantic import (
 )
 from starlette.exceptions import HTTPException
 
+from stages.unet.samplers import SAMPLER_NAMES
+
 from .init_image import FORMATS, InitImageError, InitImageLimits, decode_data_uri, read_init_image
 from .png import data_uri
 from .text2image import DEFAULT_STRENGTH, Cancelled, Generated, SettingsError
@@ -95,7 +97,7 @@ class ServerSettings:
     # Flow times [lo, hi] that get guidance; the pipeline's (the export's) default.
     default_cfg_interval: tuple[float, float] = (0.0, 1.0)
     max_n: int = 4
-    samplers: tuple[str, ...] = ("euler", "heun", "ddim", "ancestral")
+    samplers: tuple[str, ...] = SAMPLER_NAMES
     default_sampler: str = "euler"
     shift: float | None = None  # timestep shift; None: the UNet export's recorded default
     queue_size: int = 8  # jobs waiting behind the running one before 503

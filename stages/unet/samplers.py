@@ -38,12 +38,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SamplerName = Literal["euler", "heun", "ddim", "ancestral"]
+SAMPLER_NAMES: tuple[SamplerName, ...] = get_args(
+    SamplerName
+)  # what configs, CLI and server accept
 
 
 @dataclass(frozen=True)
@@ -225,12 +228,13 @@ def ancestral_sample(
     return y
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+SAMPLERS: dict[SamplerName, Callable[..., torch.Tensor]] = {
     "euler": euler_sample,
     "heun": heun_sample,
     "ddim": ddim_sample,
     "ancestral": ancestral_sample,
 }
+assert tuple(SAMPLERS) == SAMPLER_NAMES
 
 
 def evaluation_times(sampler: str, grid: torch.Tensor) -> list[float]:
