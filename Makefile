@@ -7,23 +7,25 @@
 PRESET ?= tiny
 RUNS   ?= runs
 DATA_ROOT ?= data
-# The emoji resolution each preset trains at (others: 512 px, resized on load).
-RES_tiny := 32
-RES_cifar-ddpm-17m := 32
-RES_pokepixels-9m := 64
-RES_ddpm-58m := 64
-RES_vdm := 64
-DATA   ?= $(DATA_ROOT)/emoji-$(or $(RES_$(PRESET)),512)
+ARGS   ?=
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# What the preset needs: EMOJI_RES (its emoji build), PIXEL (a pixel-space UNet: no VAE
+# export), UNCOND (an unconditional UNet: no CLIP export), asked of the config loader with
+# the same ARGS the stage gets (stages/unet/make_facts.py). Make writes the fragment after
+# `setup` and restarts with it; only the goals that use these facts include it.
+FACTS := $(VENV)/make-facts/$(PRESET)$(if $(ARGS),-$(word 1,$(shell printf '%s' '$(subst ','"'"',$(ARGS))' | cksum))).mk
+ifneq ($(filter data vae clip unet all sample serve demo,$(or $(MAKECMDGOALS),setup)),)
+include $(FACTS)
+endif
+
+DATA   ?= $(DATA_ROOT)/emoji-$(EMOJI_RES)
 # DATA may be a URL (s3://, gs://, https://...) or a .txt list of shard URLs: nothing local
 # to build or depend on, the stages fetch the shards (README, "Data and caches ...").
 REMOTE_DATA := $(or $(findstring ://,$(DATA)),$(filter %.txt,$(DATA)))
 DATA_DEP := $(if $(REMOTE_DATA),,$(DATA)/train/manifest.json)
-# What the preset's UNet needs upstream, read from its unet.toml: a pixel-space UNet
-# (autoencoder = "identity") needs no VAE export, an unconditional one (text = false) no
-# CLIP export.
-UNET_TOML := configs/$(PRESET)/unet.toml
-PIXEL  := $(shell grep -qs '^autoencoder *= *"identity"' $(UNET_TOML) && echo 1)
-UNCOND := $(shell grep -qs '^text *= *false' $(UNET_TOML) && echo 1)
 EVAL_CLIP ?= $(RUNS)/tiny/clip/export
 PROMPT ?= $(if $(UNCOND),,a red apple; flat colour emoji)
 CFG    ?=
@@ -32,11 +34,6 @@ SEED   ?= 42
 N      ?=
 OUT    ?= out.png
 PORT   ?= 8000
-ARGS   ?=
-
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
 EXPORT  = $(RUNS)/$(PRESET)/$(1)/export/manifest.json
 
 .PHONY: setup data vae clip unet all sample serve demo test lint format bench clean-runs
@@ -64,6 +61,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	PIP_FIND_LINKS= $(PY) -m pip install --disable-pip-version-check -q -e '.[dev,serve,bench,interop]'
 	touch $@
+
+$(FACTS): $(wildcard configs/$(PRESET)/unet.toml stages/unet/*.py) stages/common/data.py | $(STAMP)
+	$(PY) -m stages.unet.make_facts --preset $(PRESET) --out $@ $(ARGS)
 
 # `make data` builds the data set of the chosen preset's resolution (32 px for tiny, whose
 # build takes well under a minute; 512 px for the others, a few minutes on 2 cores).

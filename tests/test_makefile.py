@@ -1,11 +1,14 @@
-"""`make setup`'s npm check, run by make itself against fake ``id``, ``npm`` and ``apt-get``
-on a PATH of their own (the venv stamp is made up to date first: nothing is installed)."""
+"""The Makefile, run by make itself: `make setup`'s npm check against fake ``id``, ``npm`` and
+``apt-get`` on a PATH of their own, and what the stage targets run (``-n``). The stand-in venv
+has an up-to-date stamp (nothing is installed) and a python that wraps this one, which the
+Makefile asks for the preset's facts (``stages/unet/make_facts.py``)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,14 @@ def fake(path: Path, script: str) -> None:
     path.chmod(0o755)
 
 
+def stand_in_venv(tmp_path: Path) -> Path:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake(venv / "bin" / "python", f'exec "{sys.executable}" "$@"')
+    (venv / ".installed").touch()  # newer than pyproject.toml and the Makefile: no pip
+    return venv
+
+
 def make_setup(tmp_path: Path, uid: int, have_npm: bool) -> tuple[str, list[str]]:
     """stdout of `make setup` and the apt-get command lines it ran."""
     bin_dir, log = tmp_path / "bin", tmp_path / "apt-get.log"
@@ -27,10 +38,7 @@ def make_setup(tmp_path: Path, uid: int, have_npm: bool) -> tuple[str, list[str]
     fake(bin_dir / "apt-get", f'echo "$DEBIAN_FRONTEND apt-get $*" >> {log}')
     if have_npm:
         fake(bin_dir / "npm", "exit 0")
-    (bin_dir / "grep").symlink_to(shutil.which("grep"))  # the Makefile reads unet.toml
-    venv = tmp_path / "venv"
-    venv.mkdir()
-    (venv / ".installed").touch()  # newer than pyproject.toml and the Makefile: no pip
+    venv = stand_in_venv(tmp_path)
     result = subprocess.run(
         [MAKE, "-C", str(REPO), "--no-print-directory", "setup", f"VENV={venv}"],
         env={
@@ -69,9 +77,7 @@ def test_setup_installs_npm_from_debian_as_root(tmp_path):
 def test_remote_data_needs_no_local_manifest(tmp_path, data):
     """`make vae DATA=<URL or list file>` runs the stage on it (here: printed, -n) instead of
     looking for a local manifest to build."""
-    venv = tmp_path / "venv"
-    venv.mkdir()
-    (venv / ".installed").touch()
+    venv = stand_in_venv(tmp_path)
     result = subprocess.run(
         [MAKE, "-C", str(REPO), "--no-print-directory", "-n", "vae", f"VENV={venv}"]
         + [f"DATA={data}", f"RUNS={tmp_path / 'runs'}"],
@@ -81,3 +87,44 @@ def test_remote_data_needs_no_local_manifest(tmp_path, data):
     )
     assert result.returncode == 0, result.stderr
     assert f"-m stages.vae --preset tiny --data {data}" in result.stdout
+
+
+@pytest.mark.skipif(MAKE is None, reason="make is not installed")
+@pytest.mark.parametrize(
+    ("preset", "args", "data", "upstream"),
+    [
+        ("tiny", "", "emoji-32", ["vae", "clip"]),
+        ("small", "", "emoji-512", ["vae", "clip"]),  # 256 px, resized from the 512 px build
+        ("vdm", "", "emoji-64", []),  # pixel space and unconditional
+        ("tiny", "inputs.text=false", "emoji-32", ["vae"]),  # ARGS count, as the stage sees them
+    ],
+)
+def test_stage_targets_take_data_and_upstream_from_the_resolved_config(
+    tmp_path, preset, args, data, upstream
+):
+    venv = stand_in_venv(tmp_path)
+    result = subprocess.run(
+        [MAKE, "-C", str(REPO), "--no-print-directory", "-n", "unet", f"VENV={venv}"]
+        + [f"PRESET={preset}", f"ARGS={args}", f"RUNS={tmp_path / 'runs'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    trained = [s for s in ("vae", "clip", "unet") if f"-m stages.{s} --preset" in result.stdout]
+    assert trained == [*upstream, "unet"]
+    assert f"--data data/{data} " in result.stdout
+
+
+@pytest.mark.skipif(MAKE is None, reason="make is not installed")
+def test_an_unknown_preset_is_named_with_the_known_ones(tmp_path):
+    venv = stand_in_venv(tmp_path)
+    result = subprocess.run(
+        [MAKE, "-C", str(REPO), "--no-print-directory", "-n", "unet", f"VENV={venv}"]
+        + ["PRESET=nope", f"RUNS={tmp_path / 'runs'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "unknown preset 'nope'" in result.stderr and "tiny" in result.stderr
