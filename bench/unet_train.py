@@ -1,6 +1,6 @@
 """UNet training step: forward + backward + AdamW update, ours vs diffusers at equal config.
 
-Ours is the training path of the stage: ``Objective(ObjectiveConfig()).loss``, the default
+Ours is the training path of the stage: ``make_objective(ObjectiveConfig()).loss``, the default
 flow objective (logit-normal t, condition dropout to the null condition,
 x_t = (1 - t) x0 + t noise, MSE to v = noise - x0), and the shared trainer's optimiser
 (``make_optimizer``: fused AdamW where the device has it). The peer does the same maths the
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.common.optim import OptimConfig, make_optimizer
-from stages.unet.objectives import Objective, ObjectiveConfig
+from stages.unet.objectives import ObjectiveConfig, make_objective
 
 from . import models
 from .flops import train_step_flops
@@ -56,7 +56,7 @@ def build(
     """One training step of ``impl`` on fixed inputs (fresh noise and t each call)."""
     torch.manual_seed(0)
     x0, cond, null = inputs(cfg, batch, context_length, device)
-    objective = Objective(ObjectiveConfig())
+    objective = make_objective(ObjectiveConfig())
     if impl == "ours":
         model = models.our_unet(cfg).place(device).train()
         optimizer = make_optimizer({"unet": model}, OPTIM)

@@ -14,10 +14,11 @@ import torch
 
 from stages.unet.model import UNet, UNetConfig
 from stages.unet.objectives import (
+    OBJECTIVES,
     Objective,
     ObjectiveConfig,
     discretized_gaussian_log_likelihood,
-    objective_time_convention,
+    make_objective,
 )
 from stages.unet.samplers import SAMPLERS, RowNoise, cfg_velocity, ddim_sample, euler_sample
 from stages.unet.schedules import DiscreteVP, FlowSchedule, LearnedSchedule
@@ -82,7 +83,7 @@ def test_vp_forward_process_moments_match_alpha_bar():
     """q(x_k | x0) = N(sqrt(abar_k) x0, (1 - abar_k) I), abar_k = prod_{i<=k} (1 - beta_i),
     measured per k over many draws for one fixed x0 through ``Objective.loss``."""
     T = 5
-    objective = Objective(
+    objective = make_objective(
         ObjectiveConfig(kind="eps", num_timesteps=T, beta_start=0.05, beta_end=0.5)
     )
     x0 = torch.linspace(-1, 1, 12).view(1, 3, 2, 2).expand(6000, -1, -1, -1).contiguous()
@@ -104,7 +105,7 @@ def test_vp_forward_process_moments_match_alpha_bar():
 def test_forward_process_standardises_to_the_noise(kind):
     """(x_u - alpha(u) x0) / sigma(u) is N(0, 1) and independent of u, with alpha, sigma the
     closed forms: 1 - u, u (flow); alpha^2 + sigma^2 = 1, alpha^2 = sigmoid(-gamma) (vdm)."""
-    objective = Objective(KINDS[kind])
+    objective = make_objective(KINDS[kind])
     x0 = torch.linspace(-1, 1, 16).view(1, 1, 4, 4).expand(4096, -1, -1, -1).contiguous()
     seen = []
     objective.loss(oracle(objective, seen), x0, None, None, torch.Generator().manual_seed(1))
@@ -130,7 +131,7 @@ def test_forward_process_standardises_to_the_noise(kind):
 
 
 def test_vdm_times_are_low_discrepancy():
-    objective = Objective(KINDS["vdm"])
+    objective = make_objective(KINDS["vdm"])
     u = objective.sample_u(64, CPU, torch.Generator().manual_seed(0))
     gaps = torch.sort(u).values.diff()
     torch.testing.assert_close(gaps, torch.full((63,), 1 / 64))
@@ -140,7 +141,7 @@ def test_vdm_times_are_low_discrepancy():
 def test_v_target_is_the_angular_derivative():
     """Salimans & Ho: with phi = atan(sigma / alpha), x_phi = cos(phi) x0 + sin(phi) noise
     and v = d x_phi / d phi = alpha noise - sigma x0."""
-    objective = Objective(KINDS["v-cosine"])
+    objective = make_objective(KINDS["v-cosine"])
     x0, noise = torch.randn(2, 3, 2, 2, 2, generator=torch.Generator().manual_seed(0)).double()
     alpha, sigma = objective.schedule.alpha_sigma(torch.tensor([0.1, 0.5, 0.9]).double())
     phi = bcast(torch.atan2(sigma, alpha))
@@ -163,7 +164,7 @@ def test_v_target_is_the_angular_derivative():
 @pytest.mark.parametrize("kind", ["flow", "eps-linear", "v-linear", "v-cosine"])
 def test_exact_target_oracle_has_zero_loss(kind):
     """A model that knows x0 recovers the noise from x_u, hence any target: loss 0."""
-    objective = Objective(KINDS[kind])
+    objective = make_objective(KINDS[kind])
     x0 = torch.randn(16, 2, 3, 3, generator=torch.Generator().manual_seed(1))
 
     def knows_x0(x_u, u, cond):
@@ -180,7 +181,7 @@ def test_exact_target_oracle_has_zero_loss(kind):
 def test_gaussian_oracle_loss_is_the_bayes_error(kind):
     """E||target - E[target | x_u]||^2 = w' S w - (w' S h)^2 / (h' S h), S = diag(C^2, 1),
     h = (alpha, sigma), w the target's weights on (x0, noise); a zero predictor pays w' S w."""
-    objective = Objective(KINDS[kind])
+    objective = make_objective(KINDS[kind])
     x0 = C * torch.randn(4096, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     seen = []
     out = objective.loss(oracle(objective, seen), x0, None, None, torch.Generator().manual_seed(4))
@@ -202,7 +203,7 @@ def test_gaussian_oracle_loss_is_the_bayes_error(kind):
 def test_sampling_the_gaussian_oracle_reproduces_the_data(kind):
     """Network -> flow velocity (``Objective.velocity``) -> Euler / DDIM on the schedule's
     grid: the samples have the data's std."""
-    objective = Objective(KINDS[kind])
+    objective = make_objective(KINDS[kind])
     batch = 64 if kind == "vdm" else 512  # the learned schedule inverts tau by bisection
     noise = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     velocity = cfg_velocity(objective.velocity(oracle(objective)), None, None, 1.0)
@@ -217,7 +218,7 @@ def test_sampling_the_gaussian_oracle_reproduces_the_data(kind):
 
 @pytest.mark.parametrize("kind", ["eps-linear", "v-cosine"])
 def test_ddpm_ancestral_on_the_full_chain_reproduces_the_data(kind):
-    objective = Objective(KINDS[kind])
+    objective = make_objective(KINDS[kind])
     noise = torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(6))
     velocity = cfg_velocity(objective.velocity(oracle(objective)), None, None, 1.0)
     out = SAMPLERS["ancestral"](velocity, noise, objective.schedule.grid(1000))
@@ -228,7 +229,7 @@ def test_ddpm_ancestral_on_the_full_chain_reproduces_the_data(kind):
 def test_velocity_converts_predictions_to_noise_minus_x0(kind):
     """At any (y, tau): x = (alpha + sigma) y and v = eps_hat - x0_hat, with (x0_hat, eps_hat)
     the posterior means the oracle's prediction encodes."""
-    objective = Objective(KINDS[kind])
+    objective = make_objective(KINDS[kind])
     schedule = objective.schedule
     y = torch.randn(3, 1, 2, 2)
     grid = schedule.grid(10)
@@ -248,7 +249,7 @@ def test_velocity_converts_predictions_to_noise_minus_x0(kind):
 
 @pytest.mark.parametrize("kind", ["flow", "eps-linear", "v-cosine", "vdm"])
 def test_clip_x0_clamps_the_denoised_estimate(kind):
-    objective = Objective(KINDS[kind])
+    objective = make_objective(KINDS[kind])
 
     def wild(x, u, cond):  # a prediction whose x0_hat is far outside [-1, 1]
         return 30 * torch.sign(x) * (1 + x.abs())
@@ -294,7 +295,7 @@ def test_discretized_gaussian_is_a_distribution_over_the_256_levels():
 
 
 def test_vdm_loss_terms_sum_and_match_closed_forms():
-    objective = Objective(KINDS["vdm"])
+    objective = make_objective(KINDS["vdm"])
     schedule: LearnedSchedule = objective.schedule
     x0 = pixels(512)
     out = objective.loss(zero, x0, None, None, torch.Generator().manual_seed(7))
@@ -330,7 +331,7 @@ def test_vdm_loss_terms_sum_and_match_closed_forms():
 
 
 def test_vdm_loss_backpropagates_into_the_schedule():
-    objective = Objective(KINDS["vdm"])
+    objective = make_objective(KINDS["vdm"])
     schedule: LearnedSchedule = objective.schedule
     assert objective.learned_schedule is schedule
     weight = torch.zeros(1, requires_grad=True)
@@ -376,11 +377,11 @@ def test_vdm_schedule_shape_gets_the_variance_gradient_and_the_rest_the_bound():
     ends = [schedule.gamma_0, schedule.span_raw]
     grads = {}
     for mode in ("variance", "bound"):
-        objective = Objective(replace(KINDS["vdm"], shape_gradient=mode))
+        objective = make_objective(replace(KINDS["vdm"], shape_gradient=mode))
         for p in [weight, *schedule.parameters()]:
             p.grad = None
         eps_0 = torch.Generator().manual_seed(3)  # the reconstruction term's draw
-        objective._vdm_loss(model, x0, None, u, noise, schedule, eps_0)["loss"].backward()
+        objective.bound(model, x0, None, u, noise, schedule, eps_0)["loss"].backward()
         grads[mode] = [p.grad.clone() for p in [weight, *ends, *shape]]
     variance, bound = grads["variance"], grads["bound"]
     for got, want in zip(variance[:3], bound[:3]):  # network and endpoints: the bound's
@@ -399,7 +400,7 @@ def test_vdm_variance_gradient_lowers_the_variance_of_the_diffusion_loss():
     schedule. Training only the shape on the variance gradient flattens it."""
     torch.manual_seed(0)
     schedule = LearnedSchedule(hidden=32)
-    objective = Objective(KINDS["vdm"])
+    objective = make_objective(KINDS["vdm"])
     objective.schedule = schedule  # the oracle reads the current schedule
     model = oracle(objective)
     shape = [p for n, p in schedule.named_parameters() if n.startswith("l")]
@@ -423,7 +424,7 @@ def test_vdm_variance_gradient_lowers_the_variance_of_the_diffusion_loss():
 
 
 def test_vdm_oracle_with_known_noise_leaves_prior_and_recon():
-    objective = Objective(KINDS["vdm"])
+    objective = make_objective(KINDS["vdm"])
     x0 = pixels(64)
 
     def knows_x0(x_u, u, cond):
@@ -439,8 +440,8 @@ def test_vdm_oracle_with_known_noise_leaves_prior_and_recon():
 def test_bits_per_dim_is_for_vdm_only():
     x0 = pixels(8)
     with pytest.raises(ValueError, match="vdm"):
-        Objective(KINDS["eps-linear"]).bits_per_dim(zero, x0, None)
-    objective = Objective(KINDS["vdm"])
+        make_objective(KINDS["eps-linear"]).bits_per_dim(zero, x0, None)
+    objective = make_objective(KINDS["vdm"])
     bpd = objective.bits_per_dim(zero, x0, None, generator=torch.Generator().manual_seed(0))
     assert isinstance(bpd, float) and math.isfinite(bpd) and bpd > 0
     # The zero predictor's bound: ~ 1/2 (gamma_1 - gamma_0) / ln 2 from the diffusion term.
@@ -449,16 +450,16 @@ def test_bits_per_dim_is_for_vdm_only():
 
 def test_objective_config_validation_and_conventions():
     with pytest.raises(ValueError, match="cond_dropout"):
-        Objective(ObjectiveConfig(cond_dropout=1.5))
+        make_objective(ObjectiveConfig(cond_dropout=1.5))
     with pytest.raises(ValueError, match="logit_std"):
-        Objective(ObjectiveConfig(logit_std=0.0))
+        make_objective(ObjectiveConfig(logit_std=0.0))
     with pytest.raises(ValueError, match="num_timesteps"):
-        Objective(ObjectiveConfig(kind="eps", num_timesteps=1))
-    assert isinstance(Objective(KINDS["flow"]).schedule, FlowSchedule)
-    assert isinstance(Objective(KINDS["v-linear"]).schedule, DiscreteVP)
-    assert Objective(KINDS["eps-linear"]).learned_schedule is None
+        make_objective(ObjectiveConfig(kind="eps", num_timesteps=1))
+    assert isinstance(make_objective(KINDS["flow"]).schedule, FlowSchedule)
+    assert isinstance(make_objective(KINDS["v-linear"]).schedule, DiscreteVP)
+    assert make_objective(KINDS["eps-linear"]).learned_schedule is None
     for kind in ("flow", "eps", "v", "vdm"):
-        assert "x0" in objective_time_convention(kind)
+        assert "x0" in OBJECTIVES[kind].time_convention
 
 
 # ------------------------------------------------------------------ a few real training steps
@@ -506,7 +507,7 @@ def smooth_images() -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["flow", "eps-linear", "v-cosine", "vdm"])
 def test_each_objective_trains_a_few_steps_and_samples(kind):
-    objective = Objective(KINDS[kind])
+    objective = make_objective(KINDS[kind])
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = tiny_unet()

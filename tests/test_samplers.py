@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stages.clip.export import TextCondition
-from stages.unet.objectives import Objective, ObjectiveConfig
+from stages.unet.objectives import ObjectiveConfig, make_objective
 from stages.unet.samplers import (
     SAMPLERS,
     RowNoise,
@@ -71,7 +71,7 @@ class Replay:
 
 
 def test_interpolation_endpoints_and_target():
-    flow = Objective(ObjectiveConfig())
+    flow = make_objective(ObjectiveConfig())
     x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
 
     def interpolate(t: torch.Tensor) -> torch.Tensor:
@@ -94,25 +94,25 @@ def test_interpolation_endpoints_and_target():
 
 def test_timesteps_are_continuous_in_unit_interval():
     for kind in ("logit_normal", "uniform"):
-        flow = Objective(ObjectiveConfig(timesteps=kind))
+        flow = make_objective(ObjectiveConfig(timesteps=kind))
         t = flow.sample_u(4096, torch.device("cpu"), torch.Generator().manual_seed(0))
         assert t.min() > 0 and t.max() < 1
         assert t.unique().numel() > 4000  # continuous: no grid of timesteps
     # logit-normal(0, 1) is symmetric about 1/2 and concentrated in the middle.
-    t = Objective(ObjectiveConfig()).sample_u(
+    t = make_objective(ObjectiveConfig()).sample_u(
         20000, torch.device("cpu"), torch.Generator().manual_seed(1)
     )
     assert abs(t.mean().item() - 0.5) < 0.01
     assert ((t > 0.25) & (t < 0.75)).float().mean() > 0.6
     # uniform: mean 1/2, variance 1/12.
-    t = Objective(ObjectiveConfig(timesteps="uniform")).sample_u(
+    t = make_objective(ObjectiveConfig(timesteps="uniform")).sample_u(
         20000, torch.device("cpu"), torch.Generator().manual_seed(2)
     )
     assert abs(t.mean().item() - 0.5) < 0.01 and abs(t.var().item() - 1 / 12) < 0.003
 
 
 def test_condition_dropout_rate_and_null_rows():
-    objective = Objective(ObjectiveConfig(cond_dropout=0.1))
+    objective = make_objective(ObjectiveConfig(cond_dropout=0.1))
     cond, null = (
         condition(20000, length=2, width=2, fill=1.0),
         condition(1, length=2, width=2, fill=0.0),
@@ -125,7 +125,7 @@ def test_condition_dropout_rate_and_null_rows():
         dropped_cond.tokens[~dropped] == 1
     )
     assert torch.all(~dropped_cond.mask[dropped][:, 1]) and torch.all(dropped_cond.mask[~dropped])
-    none = Objective(ObjectiveConfig(cond_dropout=0.0)).drop_condition(cond, null)[1]
+    none = make_objective(ObjectiveConfig(cond_dropout=0.0)).drop_condition(cond, null)[1]
     assert not none.any()
     # Unconditional (cond None): nothing to drop.
     nothing, dropped = objective.drop_condition(None, None)
@@ -133,7 +133,7 @@ def test_condition_dropout_rate_and_null_rows():
 
 
 def test_loss_is_mse_to_the_velocity():
-    flow = Objective(ObjectiveConfig(cond_dropout=0.0))
+    flow = make_objective(ObjectiveConfig(cond_dropout=0.0))
     x0 = torch.randn(4, 2, 3, 3)
     gen = torch.Generator().manual_seed(3)
 
@@ -277,7 +277,7 @@ def test_ancestral_on_the_full_grid_is_the_textbook_ddpm_update(kind):
     its last step (k = 1 -> 0) adds no noise, as DDPM's.
     """
     T, c = 50, 0.5
-    objective = Objective(
+    objective = make_objective(
         ObjectiveConfig(kind="eps", beta_schedule=kind, num_timesteps=T, beta_end=0.2)
     )
     schedule = objective.schedule

@@ -38,7 +38,7 @@ from stages.common.stage import RunContext
 from stages.common.trainer import train
 from stages.unet.export import load_unet
 from stages.unet.model import UNet, UNetConfig, count_parameters
-from stages.unet.objectives import objective_time_convention
+from stages.unet.objectives import OBJECTIVES
 from stages.unet.samplers import (
     SAMPLERS,
     RowNoise,
@@ -284,7 +284,7 @@ def test_each_objective_trains_exports_and_samples_with_every_sampler(kind, shar
     export = run / "export"
     info = manifest(export)["info"]
     assert info["objective"]["kind"] == kind
-    assert info["time_convention"] == objective_time_convention(kind)
+    assert info["time_convention"] == OBJECTIVES[kind].time_convention
 
     unet = load_unet(export, vae_hash=None, clip_hash=None)
     assert unet.objective.config.kind == kind

@@ -37,7 +37,7 @@ from stages.common.data import iter_split
 from stages.common.export import ExportError
 from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
 
-from .objectives import Objective
+from .objectives import VDM, Objective
 from .samplers import SAMPLERS, RowNoise, SamplingConfig, cfg_velocity, seeded_noise
 
 Autoencoder = LoadedVAE | IdentityAutoencoder
@@ -194,11 +194,11 @@ class Evaluator:
         side = resolution // autoencoder.factor
         self.latent_shape = (autoencoder.channels, side, side)
         real, captions, pixels = [], [], []
-        limit = max(cfg.max_real, cfg.bpd_images if objective.config.kind == "vdm" else 0)
+        limit = max(cfg.max_real, cfg.bpd_images if isinstance(objective, VDM) else 0)
         for batch in iter_split(val_dir, cfg.batch_size, resolution):
             if embedder is not None and len(captions) < cfg.max_real:
                 real.append(embedder(batch["image"]))
-            if objective.config.kind == "vdm":
+            if isinstance(objective, VDM):
                 pixels.append(batch["image"])
             captions += batch["caption"]
             if len(captions) >= limit:

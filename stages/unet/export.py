@@ -21,7 +21,7 @@ from stages.common.config import ConfigError, from_dict
 from stages.common.export import ExportError, check_upstream, load_tensors, read_export
 
 from .model import UNet, UNetConfig
-from .objectives import Objective, ObjectiveConfig
+from .objectives import Objective, ObjectiveConfig, make_objective
 from .samplers import SamplingConfig
 
 STAGE = "unet"
@@ -96,7 +96,7 @@ def load_unet(
             # Names the recorded and the given hash; the given export's folder is unknown here.
             check_upstream(manifest, name, actual, Path(f"the {name} export given to load_unet"))
     model = UNet(replace(config, gradient_checkpointing=False))
-    objective = Objective(objective_cfg)
+    objective = make_objective(objective_cfg)
     tensors = load_tensors(folder, manifest=manifest)
     try:
         model.load_state_dict(

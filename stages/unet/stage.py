@@ -59,7 +59,7 @@ from .encode import UNetCacheConfig, encode_batch, latents_and_condition
 from .evaluate import EvalConfig, Evaluator, ImageEmbedder, describe
 from .export import InputsConfig
 from .model import UNet, UNetConfig, count_parameters
-from .objectives import Objective, ObjectiveConfig, objective_time_convention
+from .objectives import VDM, ObjectiveConfig, make_objective
 from .samplers import SamplingConfig, check_sampling
 
 log = logging.getLogger(__name__)
@@ -155,13 +155,13 @@ class UNetStage:
         model = resolve_model(config.model, self.vae.channels, context, side)
         self.config = replace(config, model=model)
         self.latent_shape = (self.vae.channels, side, side)
-        self.objective = Objective(config.objective)
+        self.objective = make_objective(config.objective)
         # The best checkpoint follows the FD when there is a CLIP space to measure it in,
         # else VDM's bits per dimension, else none is kept.
         if self.clip is not None or config.eval.clip_export:
             self.best_metric = ("fd", "min")
         else:
-            self.best_metric = ("bpd", "min") if config.objective.kind == "vdm" else None
+            self.best_metric = ("bpd", "min") if isinstance(self.objective, VDM) else None
         self._evaluator: Evaluator | None = None
         self.reference: dict[str, float] = {}
         self.started_from: dict[str, str] | None = None  # set by the trainer
@@ -204,7 +204,7 @@ class UNetStage:
     def build(self) -> dict[str, nn.Module]:
         # Built again here, after the trainer seeded the RNG: VDM's learned schedule is
         # initialised randomly and must be the same for the same train.seed.
-        self.objective = Objective(self.config.objective)
+        self.objective = make_objective(self.config.objective)
         unet = UNet(self.config.model).place(self.ctx.device)
         log.info("unet: %.2fM parameters", count_parameters(unet) / 1e6)
         schedule = self.objective.learned_schedule
@@ -323,7 +323,7 @@ class UNetStage:
             "latent_shape": list(self.latent_shape),
             "resolution": cfg.data.resolution,
             "sampling": to_dict(cfg.sample),
-            "time_convention": objective_time_convention(cfg.objective.kind),
+            "time_convention": self.objective.time_convention,
             "parameters": count_parameters(unet),
         }
         if self.started_from is not None:
