@@ -469,21 +469,6 @@ class Trainer:
                 self.stage.preview(modules, self.step, self.run_dir / "previews")
         self.accelerator.wait_for_everyone()
 
-    def export(self) -> None:
-        self._check_finite("export")
-        if self.is_main:
-            with torch.no_grad(), _eval(self.raw):
-                self.stage.export(self._eval_modules(), self.run_dir / "export")
-            write_json_atomic(self.run_dir / "exported.json", {"step": self.step})
-            log.info("exported to %s", self.run_dir / "export")
-        self.accelerator.wait_for_everyone()
-
-    def exported(self) -> bool:
-        marker = self.run_dir / "exported.json"
-        if not (self.run_dir / "export" / "manifest.json").exists() or not marker.exists():
-            return False
-        return json.loads(marker.read_text()).get("step") == self.step
-
     def _check_finite(self, what: str) -> None:
         """Refuse to ``what`` (save, export) weights that hold NaN/inf, on every rank.
 
@@ -546,6 +531,21 @@ class Trainer:
         )
         self.last_save = time.monotonic()
         log.info("saved %s", path)
+
+    def export(self) -> None:
+        self._check_finite("export")
+        if self.is_main:
+            with torch.no_grad(), _eval(self.raw):
+                self.stage.export(self._eval_modules(), self.run_dir / "export")
+            write_json_atomic(self.run_dir / "exported.json", {"step": self.step})
+            log.info("exported to %s", self.run_dir / "export")
+        self.accelerator.wait_for_everyone()
+
+    def exported(self) -> bool:
+        marker = self.run_dir / "exported.json"
+        if not (self.run_dir / "export" / "manifest.json").exists() or not marker.exists():
+            return False
+        return json.loads(marker.read_text()).get("step") == self.step
 
     def _stop_requested(self) -> bool:
         """A stop signal on any rank since the loop ended (validation, previews, the save)."""
