@@ -105,7 +105,7 @@ def test_unusable_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, 
         weights.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         found = manager.latest()
-    assert found is not None and found.step == 2
+    assert found is not None and found.manifest["step"] == 2
     assert "skipping unusable checkpoint" in caplog.text and "step_0000004" in caplog.text
 
 
@@ -118,9 +118,9 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_never_counted_by_rotation(
     weights.write_bytes(weights.read_bytes()[:-7])
     manager = CheckpointManager(tmp_path / "ck", keep_last=1)
     with caplog.at_level(logging.WARNING):
-        assert manager.latest().step == 2  # the run resumes from step 2 ...
+        assert manager.latest().manifest["step"] == 2  # the run resumes from step 2 ...
     save(manager, 3)  # ... and saves step 3, which must survive its own rotation
-    assert manager.latest().step == 3
+    assert manager.latest().manifest["step"] == 3
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert names == ["step_0000003", "step_0000004.corrupt"]
     assert "set the unusable checkpoint aside" in caplog.text
@@ -153,7 +153,7 @@ def test_checkpoint_manifest_names_must_be_plain_regular_files(tmp_path, caplog,
     manifest["files"][name] = digest
     (newest / "manifest.json").write_text(json.dumps(manifest))
     with caplog.at_level(logging.WARNING):
-        assert manager.latest().step == 2
+        assert manager.latest().manifest["step"] == 2
     assert "step_0000004" in caplog.text
 
 
@@ -198,8 +198,10 @@ def test_failed_save_midway_leaves_previous_checkpoints_valid(tmp_path, monkeypa
     with pytest.raises(OSError, match="No space"):
         save(manager, 4)
     monkeypatch.setattr(ckpt_mod, "write_tree", real_write)
-    assert manager.latest().step == 2  # keep_last=1, yet the old one was not rotated away
-    assert verify(tmp_path / "ck" / "step_0000002").step == 2
+    assert (
+        manager.latest().manifest["step"] == 2
+    )  # keep_last=1, yet the old one was not rotated away
+    assert verify(tmp_path / "ck" / "step_0000002").manifest["step"] == 2
     save(manager, 6)  # the next save cleans the half-written folder and rotates
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000006"]
 
@@ -211,7 +213,10 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     manifest = json.loads((first / "manifest.json").read_text())
     manager.save(4, state(4), {"rank0": {"data": {"index": 9}}}, {"batches_seen": 9})
     found = manager.latest()
-    assert found.step == 4 and found.manifest["batches_seen"] == 9 != manifest["batches_seen"]
+    assert (
+        found.manifest["step"] == 4
+        and found.manifest["batches_seen"] == 9 != manifest["batches_seen"]
+    )
     assert found.read("rank0")["data"]["index"] == 9
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000002", "step_0000004"]
 
@@ -266,7 +271,7 @@ def test_the_mirror_copy_runs_off_the_saving_thread_and_wait_finishes_it(tmp_pat
     monkeypatch.setattr(shutil, "copyfile", slow_copy)
     info = {"batches_seen": 1, "world_size": 1, "final": False, "best": None}
     path = manager.save(1, state(1), {"rank0": {"data": {"index": 1}}}, info)
-    assert verify(path).step == 1  # committed locally while the copy still waits
+    assert verify(path).manifest["step"] == 1  # committed locally while the copy still waits
     for _ in range(300):  # the copy thread reaches its first file
         if copying:
             break
@@ -288,5 +293,5 @@ def test_newest_of_local_and_mirror_wins_and_a_broken_mirror_only_warns(tmp_path
     blocked.write_text("a file where the mirror folder should be")
     with caplog.at_level(logging.WARNING):
         path = save(CheckpointManager(tmp_path / "ck", mirror=blocked / "ck"), 7)
-    assert verify(path).step == 7
+    assert verify(path).manifest["step"] == 7
     assert "could not mirror step_0000007" in caplog.text

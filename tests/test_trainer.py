@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,20 +25,21 @@ from safetensors.torch import load_file
 from toy_stage import ToyConfig, ToyCrash, ToyNet, ToyStage, digest
 
 from stages.common.checkpoint import CheckpointManager, read_tree
-from stages.common.cli import run_stage
+from stages.common.cli import build_parser, run_stage
 from stages.common.config import ConfigError, load_config
-from stages.common.log import read_metrics
-from stages.common.optim import lr_at
-from stages.common.shards import sha256_file
-from stages.common.stage import RunContext
-from stages.common.trainer import (
+from stages.common.exits import (
     EXIT_CANNOT_RESUME,
+    EXIT_CODES,
     EXIT_ERROR,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
-    train,
 )
+from stages.common.log import read_metrics
+from stages.common.optim import lr_at
+from stages.common.shards import sha256_file
+from stages.common.stage import RunContext
+from stages.common.trainer import train
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -477,6 +479,19 @@ def test_a_second_process_on_the_run_folder_is_refused_naming_the_holder(tmp_pat
         holder.wait()
     AcceleratorState._reset_state(reset_partial_state=True)
     assert run_stage("toy", ToyConfig, ToyStage, argv) == EXIT_OK
+
+
+def test_exit_codes_are_defined_once_and_the_help_and_readme_state_them_alike():
+    """exits.EXIT_CODES is the one definition: --help prints each code with its meaning and
+    the README's table lists exactly the same codes and words."""
+    help_text = " ".join(build_parser("toy").format_help().split())
+    for code, meaning in EXIT_CODES.items():
+        assert f" {code} {meaning}" in help_text
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("Exit codes (defined in `stages/common/exits.py`") :]
+    table = table[: table.index("\n\n", table.index("| code |"))]
+    rows = re.findall(r"^\| (\d+) \| (.+) \|$", table, flags=re.MULTILINE)
+    assert {int(code): meaning for code, meaning in rows} == EXIT_CODES
 
 
 # The first process, reduced to what it does to the run folder: the lock beside it.

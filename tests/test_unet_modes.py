@@ -337,7 +337,7 @@ def test_each_objective_trains_exports_and_samples_with_every_sampler(kind, shar
     assert schedule_keys == sorted(f"schedule.{k}" for k in learned.state_dict())
     # The exported schedule is the trained (EMA) one: the same tensors, the same gamma.
     checkpoint = CheckpointManager(run / "checkpoints").latest()
-    assert checkpoint is not None and checkpoint.step == 2
+    assert checkpoint is not None and checkpoint.manifest["step"] == 2
     trained = LearnedSchedule()
     trained.load_state_dict(checkpoint.read("ema")["modules"]["schedule"])
     for key, value in trained.state_dict().items():
@@ -455,7 +455,7 @@ def test_vdm_resume_equals_an_uninterrupted_run(shards, tmp_path):
     runs = tmp_path / "b" / "runs"
     half = train_stage(config(shards, "vdm", max_steps=2), runs)
     at_half = CheckpointManager(half / "checkpoints").latest()
-    assert at_half is not None and at_half.step == 2
+    assert at_half is not None and at_half.manifest["step"] == 2
     schedule_at_half = at_half.read("model.schedule")
     resumed = train_stage(config(shards, "vdm", max_steps=4), runs)
 
@@ -468,7 +468,7 @@ def test_vdm_resume_equals_an_uninterrupted_run(shards, tmp_path):
     # ...and so are the raw weights of both trained modules and their EMA.
     end_a = CheckpointManager(straight / "checkpoints").latest()
     end_b = CheckpointManager(resumed / "checkpoints").latest()
-    assert end_a.step == end_b.step == 4
+    assert end_a.manifest["step"] == end_b.manifest["step"] == 4
     for stem in ("model.unet", "model.schedule"):
         raw_a, raw_b = end_a.read(stem), end_b.read(stem)
         for key in raw_a:

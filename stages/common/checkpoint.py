@@ -146,10 +146,6 @@ class Checkpoint:
     path: Path
     manifest: dict[str, Any]
 
-    @property
-    def step(self) -> int:
-        return int(self.manifest["step"])
-
     def has(self, stem: str) -> bool:
         return f"{stem}.json" in self.manifest["files"]
 

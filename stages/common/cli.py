@@ -6,7 +6,7 @@ overrides (``--data X`` is the override ``data.path=X``); ``--dry-run`` prints i
 Otherwise the run folder ``<runs>/<preset>/<name>/`` is locked (a second process on it is
 refused at once, naming the holder), the stage is built (which moves a run folder trained on
 other upstream exports aside), the resolved config goes to its ``config.json`` and the stage
-is handed to the shared trainer, whose exit code is returned (see ``EPILOG``).
+is handed to the shared trainer, whose exit code is returned (``exits.py``).
 """
 
 from __future__ import annotations
@@ -23,40 +23,21 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from .config import CONFIGS_DIR, ConfigError, dumps, load_config, save_json
+from .exits import EXIT_ABORTED, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, describe_exit_codes
 from .export import ExportError
 from .log import setup_console_logging
 from .run import RunFolderBusy, RunLock
 from .shards import ManifestError
 from .stage import RunContext, Stage
-from .trainer import (
-    EXIT_ABORTED,
-    EXIT_CANNOT_RESUME,
-    EXIT_CONFIG,
-    EXIT_ERROR,
-    EXIT_NONFINITE,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    force_cpu,
-    train,
-)
+from .trainer import force_cpu, train
 
 log = logging.getLogger(__name__)
 
-EPILOG = f"""\
-Re-running the same command resumes from the newest valid checkpoint.
-Runs on a CPU, one GPU, or many: accelerate launch / torchrun -m stages.<name> ...
-
-exit codes:
-  {EXIT_OK:<4} trained, or already trained and exported (nothing to do)
-  1    unexpected error (traceback printed), a missing upstream export, or the run folder
-       is in use by another process (its PID is named)
-  {EXIT_CONFIG:<4} bad config, preset or override (the key is named)
-  {EXIT_CANNOT_RESUME:<4} cannot resume: config keys that break resume changed (named), the number
-       of processes changed, or no existing checkpoint is usable
-  {EXIT_NONFINITE:<4} stopped after train.max_consecutive_skips non-finite steps in a row
-  {EXIT_PREEMPTED:<4} preempted (SIGTERM/SIGINT/SIGHUP): checkpoint saved, re-run to resume
-  {EXIT_ABORTED:<4} a second Ctrl-C: stopped without saving
-"""
+EPILOG = (
+    "Re-running the same command resumes from the newest valid checkpoint.\n"
+    "Runs on a CPU, one GPU, or many: accelerate launch / torchrun -m stages.<name> ...\n\n"
+    + describe_exit_codes()
+)
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:

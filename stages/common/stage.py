@@ -34,7 +34,7 @@ What each call gets (the trainer guarantees it):
 
 Optional attributes: ``best_metric = None`` keeps no best checkpoint; ``resume_safe_keys``
 (fnmatch patterns such as ``"val.*"``) adds the stage's own config keys that may change on
-resume to the trainer's ``RESUME_SAFE_KEYS``.
+resume to ``resume.RESUME_SAFE_KEYS``.
 
 Fine-tuning (``init.from``, see ``finetune.py``) needs ``init_weights(folder) ->
 ({module: state_dict}, export hash)``: the weights of an export of this stage by module name
