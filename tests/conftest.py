@@ -1,6 +1,6 @@
 """Shared fixtures: hermetic, CPU, every test builds what it reads. The session-scoped ones
 are built once and shared read-only: a test that changes one works on a copy
-(``unet_runs.copy_runs``)."""
+(``exports.copy_exports``, ``unet_runs.copy_runs``)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # inherited by the subprocess tests, which run two processes at once).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from exports import one_torch_thread  # noqa: E402
+from exports import cached_exports, one_torch_thread  # noqa: E402
 from synthetic import make_shards  # noqa: E402
 from unet_runs import RES, build_clip_export, build_vae_export, write_pixel_clip  # noqa: E402
+
+from pipeline.load import ExportFolders  # noqa: E402
+from pipeline.text2image import Text2Image  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +38,21 @@ def one_thread():
     loaded 2-core machine). Asked for with ``pytestmark = pytest.mark.usefixtures(...)``."""
     with one_torch_thread():
         yield
+
+
+# ------------------------------------------------------------ pipeline, server, web page
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory) -> ExportFolders:
+    """Tiny real VAE, CLIP and UNet exports (tests/exports.py), built once (read-only)."""
+    return cached_exports(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_exports) -> Text2Image:
+    """The pipeline on ``tiny_exports``, CPU and fp32 (it keeps no state between calls)."""
+    return Text2Image.from_exports(tiny_exports, device="cpu", precision="fp32")
 
 
 # ------------------------------------------------------------------------------- UNet stage
