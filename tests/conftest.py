@@ -16,7 +16,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # inherited by the subprocess tests, which run two processes at once).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from exports import cached_exports, one_torch_thread  # noqa: E402
+from exports import build_exports, one_torch_thread  # noqa: E402
 from synthetic import make_shards  # noqa: E402
 from unet_runs import RES, build_clip_export, build_vae_export, write_pixel_clip  # noqa: E402
 
@@ -45,8 +45,9 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_exports(tmp_path_factory) -> ExportFolders:
-    """Tiny real VAE, CLIP and UNet exports (tests/exports.py), built once (read-only)."""
-    return cached_exports(tmp_path_factory)
+    """Tiny real VAE, CLIP and UNet exports (tests/exports.py) under ``<root>/runs/tiny``,
+    shared by the pipeline, server, page, interop, quality and sweep tests (read-only)."""
+    return build_exports(tmp_path_factory.mktemp("exports"))
 
 
 @pytest.fixture(scope="session")
