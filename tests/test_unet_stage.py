@@ -187,6 +187,9 @@ def test_fine_tuning_starts_from_a_unet_export_on_the_same_upstream(
     assert old_clip in str(err.value) and new_clip in str(err.value)
 
 
+# ---------------------------------------------------------------------------- learning
+
+
 def test_the_stage_loss_learns_a_fixed_batch(upstream_runs, tiny_shards, tmp_path):
     """Issue 15: the end-to-end runs only check finiteness; this asserts learning. The
     stage's own loss (cache path, objective, CFG dropout) on one fixed batch with fixed draws
