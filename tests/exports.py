@@ -5,7 +5,8 @@ folder: ``<root>/runs/tiny/{vae,clip,unet}/export``.
 The UNet zero-initialises its output convolution and its cross-attention output projections
 (an untrained UNet predicts v = 0 and ignores the text), so those are re-drawn here: the tests
 need a velocity that depends on the text, or CFG and negative prompts change nothing.
-Built once per test session (``cached_exports``); tests must not modify the folders.
+Built once per test session (conftest's ``tiny_exports``); tests must not modify the
+folders (``copy_exports`` gives a test its own copy).
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ CAPTIONS = [
 ]
 
 VAE_CONFIG = VAEModelConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4)
-
-_cache: dict[str, Path] = {}
 
 
 def write_vae_export(folder: Path) -> str:
@@ -111,14 +110,6 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def cached_exports(tmp_path_factory) -> ExportFolders:
-    """One set of exports per test session (shared by the pipeline, server and page tests)."""
-    if "root" not in _cache:
-        _cache["root"] = tmp_path_factory.mktemp("exports")
-        build_exports(_cache["root"])
-    return ExportFolders.from_runs(_cache["root"] / "runs", PRESET)
 
 
 def copy_exports(source: ExportFolders, root: Path) -> ExportFolders:

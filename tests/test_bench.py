@@ -30,15 +30,6 @@ TINY = UNetConfig(
 )
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from OpenMP threads on a shared CPU and can lose a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("side", [32, 64])
 def test_base_unet_peer_has_our_parameter_count(side):
     cfg = models.unet_config(side, "base")

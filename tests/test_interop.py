@@ -24,7 +24,7 @@ import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import dynamic_modules_utils
-from exports import cached_exports, one_torch_thread
+from exports import one_torch_thread
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from pipeline.__main__ import main as pipeline_main
@@ -55,17 +55,16 @@ def hermetic_hub(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tiny_exports, tmp_path_factory):
     """The pipeline test exports and their diffusers folder, written by the command."""
-    folders = cached_exports(tmp_path_factory)
     out = tmp_path_factory.mktemp("diffusers") / "minisd"
-    runs = folders.unet.parents[2]
+    runs = tiny_exports.unet.parents[2]
     with one_torch_thread():
         assert (
             pipeline_main(["export-diffusers", "--runs", str(runs), "--preset", "tiny", str(out)])
             == 0
         )
-    return folders, out
+    return tiny_exports, out
 
 
 def _max_pixel_diff(ours, theirs) -> int:

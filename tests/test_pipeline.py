@@ -14,14 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from exports import (
-    PRESET,
-    RESOLUTION,
-    cached_exports,
-    copy_exports,
-    one_torch_thread,
-    write_vae_export,
-)
+from exports import PRESET, RESOLUTION, copy_exports, write_vae_export
 from PIL import Image
 
 from pipeline import text2image
@@ -40,20 +33,7 @@ STEPS = 3
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def folders(tmp_path_factory) -> ExportFolders:
-    return cached_exports(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def pipe(folders) -> Text2Image:
-    return Text2Image.from_exports(folders, device="cpu", precision="fp32")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pixels(generated) -> np.ndarray:
@@ -67,7 +47,7 @@ def manifest_hash(folder: Path) -> str:
 # ------------------------------------------------------------------------------- images
 
 
-def test_images_have_the_exports_size_and_say_how_they_were_made(pipe, folders):
+def test_images_have_the_exports_size_and_say_how_they_were_made(pipe, tiny_exports):
     out = pipe.generate(
         ["red apple; flat colour emoji", "black heart"], seed=7, steps=STEPS, cfg_scale=4.0
     )
@@ -77,7 +57,7 @@ def test_images_have_the_exports_size_and_say_how_they_were_made(pipe, folders):
     meta = out[1].metadata
     assert meta["prompt"] == "black heart"
     assert (meta["steps"], meta["cfg_scale"], meta["sampler"]) == (str(STEPS), "4.0", "euler")
-    for stage, folder in folders.items():
+    for stage, folder in tiny_exports.items():
         assert meta[f"{stage}_hash"] == manifest_hash(folder)
     assert pixels(out[0]).std() > 0  # not a blank image
 
@@ -158,9 +138,9 @@ def test_precision_per_device_and_bf16_sampling_on_cpu(pipe, monkeypatch):
 # ----------------------------------------------------------------------------- refusals
 
 
-def test_unet_trained_on_another_vae_is_refused_naming_both_hashes(folders, tmp_path):
-    copy = copy_exports(folders, tmp_path)
-    recorded = manifest_hash(folders.vae)
+def test_unet_trained_on_another_vae_is_refused_naming_both_hashes(tiny_exports, tmp_path):
+    copy = copy_exports(tiny_exports, tmp_path)
+    recorded = manifest_hash(tiny_exports.vae)
     torch.manual_seed(123)
     other = write_vae_export(copy.vae)
     assert other != recorded
@@ -170,8 +150,8 @@ def test_unet_trained_on_another_vae_is_refused_naming_both_hashes(folders, tmp_
     assert str(copy.vae) in str(err.value)
 
 
-def test_corrupt_weights_are_refused(folders, tmp_path):
-    copy = copy_exports(folders, tmp_path)
+def test_corrupt_weights_are_refused(tiny_exports, tmp_path):
+    copy = copy_exports(tiny_exports, tmp_path)
     weights = copy.unet / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
@@ -201,8 +181,8 @@ def _forge_manifest(folder: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch_zip"])
-def test_pickle_disguised_as_safetensors_is_refused_unopened(folders, tmp_path, kind):
-    copy = copy_exports(folders, tmp_path / "runs-copy")
+def test_pickle_disguised_as_safetensors_is_refused_unopened(tiny_exports, tmp_path, kind):
+    copy = copy_exports(tiny_exports, tmp_path / "runs-copy")
     marker = tmp_path / "unpickled"
     weights = copy.unet / "model.safetensors"
     if kind == "pickle":
@@ -216,8 +196,8 @@ def test_pickle_disguised_as_safetensors_is_refused_unopened(folders, tmp_path, 
 
 
 @pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "pytorch_model.bin"])
-def test_pickle_file_in_an_export_is_refused(folders, tmp_path, name):
-    copy = copy_exports(folders, tmp_path)
+def test_pickle_file_in_an_export_is_refused(tiny_exports, tmp_path, name):
+    copy = copy_exports(tiny_exports, tmp_path)
     marker = tmp_path / "unpickled"
     (copy.vae / name).write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(ExportError, match=f"{name} is a pickle-format file"):
@@ -225,21 +205,21 @@ def test_pickle_file_in_an_export_is_refused(folders, tmp_path, name):
     assert not marker.exists()
 
 
-def test_pickle_file_given_as_export_is_refused(folders, tmp_path):
+def test_pickle_file_given_as_export_is_refused(tiny_exports, tmp_path):
     checkpoint = tmp_path / "unet.ckpt"
     checkpoint.write_bytes(pickle.dumps(_Payload(tmp_path / "unpickled")))
-    given = ExportFolders(vae=folders.vae, clip=folders.clip, unet=checkpoint)
+    given = ExportFolders(vae=tiny_exports.vae, clip=tiny_exports.clip, unet=checkpoint)
     with pytest.raises(ExportError, match="pickle-format file, not a unet export folder"):
         load_models(given)
     assert not (tmp_path / "unpickled").exists()
 
 
-def test_missing_export_says_how_to_build_it(folders, tmp_path):
+def test_missing_export_says_how_to_build_it(tiny_exports, tmp_path):
     # The UNet's manifest says which upstream exports it needs, so it is looked for first.
     with pytest.raises(ExportError, match="make unet"):
         load_models(ExportFolders.from_runs(tmp_path / "empty", PRESET))
     for stage in ("vae", "clip"):
-        copy = copy_exports(folders, tmp_path / stage)
+        copy = copy_exports(tiny_exports, tmp_path / stage)
         shutil.rmtree(getattr(copy, stage))
         with pytest.raises(ExportError, match=f"make {stage}"):
             load_models(copy)
@@ -252,11 +232,11 @@ def _runs_args(folders: ExportFolders) -> list[str]:
     return ["--runs", str(folders.vae.parents[2]), "--preset", PRESET, "--device", "cpu"]
 
 
-def test_cli_generate_writes_a_png_with_its_settings(folders, tmp_path):
+def test_cli_generate_writes_a_png_with_its_settings(tiny_exports, tmp_path):
     out = tmp_path / "out.png"
     cmd = [sys.executable, "-m", "pipeline", "generate", "red apple; flat colour emoji"]
     cmd += ["--negative", "blue circle", "--cfg-scale", "7.5", "--steps", str(STEPS)]
-    cmd += ["--seed", "42", "--sampler", "heun", "--out", str(out), *_runs_args(folders)]
+    cmd += ["--seed", "42", "--sampler", "heun", "--out", str(out), *_runs_args(tiny_exports)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see exports.one_torch_thread
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -271,25 +251,25 @@ def test_cli_generate_writes_a_png_with_its_settings(folders, tmp_path):
         "7.5",
         "heun",
     )
-    for stage, folder in folders.items():
+    for stage, folder in tiny_exports.items():
         assert text[f"{stage}_hash"] == manifest_hash(folder)
     assert Image.open(out).size == (RESOLUTION, RESOLUTION)
 
 
-def test_cli_grid_and_numbered(folders, tmp_path, capsys):
+def test_cli_grid_and_numbered(tiny_exports, tmp_path, capsys):
     common = ["generate", "black heart", "--n", "3", "--steps", "2", "--seed", "9"]
-    assert main([*common, "--out", str(tmp_path / "grid.png"), *_runs_args(folders)]) == 0
+    assert main([*common, "--out", str(tmp_path / "grid.png"), *_runs_args(tiny_exports)]) == 0
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * RESOLUTION + 2, 2 * RESOLUTION + 2)  # 2 x 2 cells, 2 px gaps
     assert read_png_text(tmp_path / "grid.png")["seed"] == "9..11"
     out = tmp_path / "img.png"
-    assert main([*common, "--numbered", "--out", str(out), *_runs_args(folders)]) == 0
+    assert main([*common, "--numbered", "--out", str(out), *_runs_args(tiny_exports)]) == 0
     names = sorted(p.name for p in tmp_path.glob("img-*.png"))
     assert names == ["img-000.png", "img-001.png", "img-002.png"]
     assert [read_png_text(tmp_path / n)["seed"] for n in names] == ["9", "10", "11"]
 
 
-def test_cli_cfg_interval_and_compile_reach_the_image(folders, tmp_path, capsys, monkeypatch):
+def test_cli_cfg_interval_and_compile_reach_the_image(tiny_exports, tmp_path, capsys, monkeypatch):
     compiled = []
 
     def fake_compile(module, **kwargs):  # the wiring, not inductor (minutes on a CPU)
@@ -297,7 +277,7 @@ def test_cli_cfg_interval_and_compile_reach_the_image(folders, tmp_path, capsys,
         return module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    common = ["generate", "black heart", "--steps", "4", "--seed", "9", *_runs_args(folders)]
+    common = ["generate", "black heart", "--steps", "4", "--seed", "9", *_runs_args(tiny_exports)]
     full, limited = tmp_path / "full.png", tmp_path / "limited.png"
     assert main([*common, "--cfg-interval", "0", "1", "--out", str(full)]) == 0
     argv = [*common, "--cfg-interval", "0.3", "0.8", "--compile", "--out", str(limited)]
@@ -311,12 +291,12 @@ def test_cli_cfg_interval_and_compile_reach_the_image(folders, tmp_path, capsys,
     assert Image.open(full).tobytes() != Image.open(limited).tobytes()
 
 
-def test_cli_reports_a_missing_export(folders, tmp_path, capsys):
+def test_cli_reports_a_missing_export(tiny_exports, tmp_path, capsys):
     out = str(tmp_path / "x.png")
     code = main(["generate", "x", "--runs", str(tmp_path), "--preset", PRESET, "--out", out])
     assert code == 2
     assert "make unet" in capsys.readouterr().err
-    copy = copy_exports(folders, tmp_path / "copy")
+    copy = copy_exports(tiny_exports, tmp_path / "copy")
     shutil.rmtree(copy.vae)
     runs = str(copy.unet.parents[2])
     code = main(["generate", "x", "--runs", runs, "--preset", PRESET, "--out", out])
@@ -324,10 +304,10 @@ def test_cli_reports_a_missing_export(folders, tmp_path, capsys):
     assert "make vae" in capsys.readouterr().err
 
 
-def test_interactive_saves_one_png_per_prompt(folders, tmp_path, monkeypatch, capsys):
+def test_interactive_saves_one_png_per_prompt(tiny_exports, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("red apple\nblack heart\n\nignored\n"))
     folder = tmp_path / "samples"
-    args = ["interactive", "--folder", str(folder), "--steps", "2", *_runs_args(folders)]
+    args = ["interactive", "--folder", str(folder), "--steps", "2", *_runs_args(tiny_exports)]
     assert main(args) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(folder / "000000.png"), str(folder / "000001.png")]
@@ -428,11 +408,11 @@ def test_read_init_image_checks_format_size_and_pixels():
         read_init_image(big, InitImageLimits(max_pixels=1_000_000))
 
 
-def test_cli_image_to_image(folders, tmp_path, capsys):
+def test_cli_image_to_image(tiny_exports, tmp_path, capsys):
     source = tmp_path / "in.png"
     init_image().save(source)
     out = tmp_path / "out.png"
-    common = ["generate", "red apple", "--steps", "4", "--out", str(out), *_runs_args(folders)]
+    common = ["generate", "red apple", "--steps", "4", "--out", str(out), *_runs_args(tiny_exports)]
     assert main([*common, "--init-image", str(source), "--strength", "0.5"]) == 0
     text = read_png_text(out)
     assert text["strength"] == "0.5" and len(text["init_image_sha256"]) == 64

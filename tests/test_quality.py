@@ -14,7 +14,7 @@ import shutil
 
 import torch
 import torch.nn.functional as F
-from exports import cached_exports, one_torch_thread
+from exports import one_torch_thread
 from synthetic import COLOURS, draw_sample, make_shards
 
 from pipeline.__main__ import main as pipeline_main
@@ -198,15 +198,12 @@ def test_scale_shift_resblocks_take_the_pooled_text():
 # ------------------------------------------------------------------ pipeline evaluate
 
 
-def test_pipeline_evaluate_writes_every_stage_and_prints_a_table(
-    tmp_path, tmp_path_factory, capsys
-):
-    folders = cached_exports(tmp_path_factory)
+def test_pipeline_evaluate_writes_every_stage_and_prints_a_table(tmp_path, tiny_exports, capsys):
     data = make_shards(
         tmp_path / "data", n_train=60, n_val=24, caption="{colour} {shape}, tag; flat colour emoji"
     )
     copy = tmp_path / "runs"  # the evaluation writes under the run folders: a copy
-    shutil.copytree(folders.unet.parents[2], copy)
+    shutil.copytree(tiny_exports.unet.parents[2], copy)
     argv = [
         "evaluate",
         "--runs",

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from exports import RESOLUTION, cached_exports, one_torch_thread
+from exports import RESOLUTION
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -29,20 +29,7 @@ SETTINGS = ServerSettings(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def folders(tmp_path_factory):
-    return cached_exports(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def pipe(folders) -> Text2Image:
-    return Text2Image.from_exports(folders, device="cpu", precision="fp32")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from exports import cached_exports, one_torch_thread
+from exports import one_torch_thread
 from PIL import Image
 from synthetic import make_shards
 
@@ -59,11 +59,10 @@ def test_the_grid_is_the_product_and_bad_configs_are_refused():
         SweepConfig(noise_seed=1300).settings(reference)
 
 
-def test_pipeline_sweep_writes_table_plot_and_choice(tmp_path, tmp_path_factory, capsys):
-    folders = cached_exports(tmp_path_factory)
+def test_pipeline_sweep_writes_table_plot_and_choice(tmp_path, tiny_exports, capsys):
     data = make_shards(tmp_path / "data", n_train=20, n_val=12)
     copy = tmp_path / "runs"  # the sweep writes under the run folder: a copy
-    shutil.copytree(folders.unet.parents[2], copy)
+    shutil.copytree(tiny_exports.unet.parents[2], copy)
     argv = [
         "sweep",
         "--runs",

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import uvicorn
-from exports import cached_exports, one_torch_thread
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -23,7 +22,6 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from pipeline.server import ServerSettings, allowed_host_names, create_app
-from pipeline.text2image import Text2Image
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -31,15 +29,7 @@ WAIT_S = 60
 TOKEN = "page-token"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory) -> Text2Image:
-    return Text2Image.from_exports(cached_exports(tmp_path_factory), "cpu", "fp32")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
