@@ -179,7 +179,7 @@ def synthetic_cache(samples: int) -> Path:
         )
         info = {"samples": n, "skipped": 0, "rows": [start, start + n]}
         records.append(_commit_shard(folder, number, folder.name, tensors, info))
-    from stages.common.shards import write_json_atomic
+    from stages.common.files import write_json_atomic
 
     write_json_atomic(folder / INDEX, _index(folder.name, {"synthetic": samples}, records))
     return folder

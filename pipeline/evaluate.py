@@ -32,6 +32,7 @@ from stages.clip.export import LoadedCLIP, load_clip
 from stages.clip.stage import retrieval_metrics
 from stages.common.captions import short_name
 from stages.common.data import iter_split
+from stages.common.files import write_json_atomic
 from stages.common.probe import (
     ColourShapeJudge,
     ProbeConfig,
@@ -41,7 +42,6 @@ from stages.common.probe import (
     judge_rates,
     text_probe,
 )
-from stages.common.shards import write_json_atomic
 from stages.unet.evaluate import (
     ImageEmbedder,
     clip_score,

@@ -22,7 +22,7 @@ import torch
 
 from stages.clip.export import LoadedCLIP, load_clip
 from stages.common.export import PICKLE_SUFFIXES, ExportError, check_upstream, read_export
-from stages.common.shards import UnsafeFile, open_regular
+from stages.common.files import UnsafeFile, open_regular
 from stages.unet.export import InputsConfig, LoadedUNet, load_unet
 from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.common.shards import write_json_atomic
+from stages.common.files import write_json_atomic
 from stages.unet.evaluate import spread
 from stages.unet.samplers import (
     SamplerName,

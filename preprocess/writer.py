@@ -21,7 +21,8 @@ from typing import Any
 
 import webdataset as wds
 
-from stages.common.shards import ShardInfo, fsync_path, sha256_file, write_json_atomic
+from stages.common.files import fsync_path, sha256_file, write_json_atomic
+from stages.common.shards import ShardInfo
 
 LEDGER_NAME = ".progress.json"
 TAR_MTIME = 1_700_000_000  # any fixed time: reproducible tar bytes

@@ -10,7 +10,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from stages.common.shards import ShardInfo, ShardManifest, sha256_file, write_manifest
+from stages.common.files import sha256_file
+from stages.common.shards import ShardInfo, ShardManifest, write_manifest
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -21,7 +21,7 @@ from toy_stage import colour_summary
 
 from stages.common.cache import CacheConfig, CachedRows, cached_batches, ensure_cache
 from stages.common.data import iter_split
-from stages.common.shards import sha256_file
+from stages.common.files import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent

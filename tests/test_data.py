@@ -24,13 +24,8 @@ from stages.common.data import (
     iter_split,
     load_index,
 )
-from stages.common.shards import (
-    ManifestError,
-    ShardInfo,
-    ShardManifest,
-    sha256_file,
-    write_manifest,
-)
+from stages.common.files import sha256_file
+from stages.common.shards import ManifestError, ShardInfo, ShardManifest, write_manifest
 
 
 def take_batches(loader, count: int) -> list[dict]:

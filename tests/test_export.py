@@ -24,7 +24,7 @@ from stages.common.export import (
     read_export,
     write_export,
 )
-from stages.common.shards import sha256_file, write_json_atomic
+from stages.common.files import sha256_file, write_json_atomic
 
 
 @dataclass(frozen=True)

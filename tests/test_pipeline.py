@@ -26,7 +26,7 @@ from pipeline.png import read_png_text
 from pipeline.text2image import Text2Image, resolve_dtype
 from stages.common.data import image_tensor
 from stages.common.export import ExportError
-from stages.common.shards import sha256_file
+from stages.common.files import sha256_file
 from stages.unet.samplers import SamplingConfig
 
 STEPS = 3

@@ -35,9 +35,9 @@ from stages.common.exits import (
     EXIT_OK,
     EXIT_PREEMPTED,
 )
+from stages.common.files import sha256_file
 from stages.common.log import read_metrics
 from stages.common.optim import lr_at
-from stages.common.shards import sha256_file
 from stages.common.stage import RunContext
 from stages.common.trainer import train
 

@@ -39,9 +39,9 @@ from stages.common.checkpoint import CheckpointConfig
 from stages.common.cli import run_stage
 from stages.common.data import DataConfig, ResumableBatches, ShardLoader
 from stages.common.ema import EMAConfig
+from stages.common.files import write_json_atomic
 from stages.common.finetune import InitConfig
 from stages.common.optim import OptimConfig
-from stages.common.shards import write_json_atomic
 from stages.common.stage import RunContext
 from stages.common.trainer import TrainConfig, unwrap
 

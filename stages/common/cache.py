@@ -47,7 +47,8 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from .data import ResumableBatches, iter_rows, load_index
-from .shards import digest_of, fsync_path, sha256_file, write_json_atomic
+from .files import fsync_path, sha256_file, write_json_atomic
+from .shards import digest_of
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
-from .shards import UnsafeFile, check_member, fsync_path, read_member, sha256_file
+from .files import UnsafeFile, check_member, fsync_path, read_member, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from .config import to_dict
-from .shards import (
+from .files import (
     UnsafeFile,
     check_member,
     fsync_path,

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 
 from .export import PICKLE_SUFFIXES, ExportError
-from .shards import UnsafeFile, open_regular
+from .files import UnsafeFile, open_regular
 
 EXTRA = "interop"
 INSTALL = f"pip install -e '.[{EXTRA}]'"

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .shards import write_json_atomic
+from .files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

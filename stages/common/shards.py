@@ -8,15 +8,13 @@ with its sample count and sha256, plus resolution, source, licence and attributi
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import re
-import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from .files import sha256_file, write_json_atomic
 
 MANIFEST_FORMAT = "minisd-shards/1"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -51,92 +49,6 @@ class ShardManifest:
         out = asdict(self)
         out["shards"] = [asdict(s) for s in self.shards]
         return {"format": MANIFEST_FORMAT, "num_samples": self.num_samples, **out}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# --- files named by a manifest (exports, checkpoints): plain names of regular files --------
-
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")  # no "/", "..", leading "."
-
-
-class UnsafeFile(ValueError):
-    """A manifest names a file that is not a plain regular file inside its folder, or a
-    file's bytes do not match their recorded sha256."""
-
-
-def open_regular(path: Path) -> IO[bytes]:
-    """Open for reading a regular file, never through a symlink, and never blocking on a
-    FIFO or reading a device (``/dev/zero`` would be hashed for ever)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UnsafeFile(f"{path} is a symbolic link; refusing to follow it") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UnsafeFile(f"{path} is not a regular file; refusing to read it")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
-def open_member(folder: Path, name: Any) -> IO[bytes]:
-    """``open_regular(folder / name)`` for a ``name`` that is a plain file name."""
-    if not isinstance(name, str) or not _PLAIN_NAME.match(name):
-        raise UnsafeFile(f"{folder}: {name!r} is not a plain file name inside the folder")
-    return open_regular(Path(folder) / name)
-
-
-def check_member(folder: Path, name: Any, digest: str, chunk: int = 1 << 20) -> None:
-    """Stream-hash a listed file (see ``open_member``) against its recorded sha256."""
-    sha = hashlib.sha256()
-    with open_member(folder, name) as f:
-        while block := f.read(chunk):
-            sha.update(block)
-    if sha.hexdigest() != digest:
-        raise UnsafeFile(f"{folder}: {name} does not match its sha256")
-
-
-def read_member(folder: Path, files: Any, name: str) -> bytes:
-    """The bytes of ``folder/name``, which must be listed in ``files`` (name -> sha256) and
-    match it: the bytes hashed are the bytes returned, so no swap can slip in between."""
-    if not isinstance(files, dict) or name not in files:
-        raise UnsafeFile(f"{folder}: {name} is not listed in the manifest; refusing to read it")
-    with open_member(folder, name) as f:
-        data = f.read()
-    if hashlib.sha256(data).hexdigest() != files[name]:
-        raise UnsafeFile(f"{folder}: {name} does not match its sha256")
-    return data
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a folder's entry to disk (a folder after a rename in it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary name, fsync, rename, fsync the folder: readers never see half a
-    file, and after a crash the folder holds the new file or the old one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)  # the rename itself is durable only once its folder is
 
 
 def write_manifest(folder: Path, manifest: ShardManifest) -> Path:

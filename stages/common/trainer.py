@@ -53,13 +53,13 @@ from .exits import (
     EXIT_PREEMPTED,
     Preemption,
 )
+from .files import write_json_atomic
 from .finetune import INIT_FILE, freeze, load_init
 from .log import MetricsLog, available_trackers, flat_config, progress_bar
 from .optim import apply_hyperparameters, lr_at, make_optimizer, set_lr
 from .resume import ResumeError, check_resumable, choose_checkpoint
 from .run import IDENTITY_FILE, UPSTREAM_FILE, run_identity
 from .seeding import derive_seed, preserve_rng, rng_state, seed_all, set_rng_state
-from .shards import write_json_atomic
 from .stage import RunContext, Stage
 
 log = logging.getLogger(__name__)

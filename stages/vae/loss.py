@@ -40,8 +40,8 @@ from torch import nn
 from torch.func import functional_call
 
 from stages.common.config import ConfigError
+from stages.common.files import sha256_file
 from stages.common.probe import to_lab
-from stages.common.shards import sha256_file
 from stages.common.trainer import unwrap
 
 from .colour import in_basis
