@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.unet.model import UNetConfig
+from stages.unet.model import UNetModelConfig
 
 from . import models
 
@@ -36,7 +36,7 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def train_step_flops(impl: str, cfg: UNetConfig, batch: int, context_length: int) -> int:
+def train_step_flops(impl: str, cfg: UNetModelConfig, batch: int, context_length: int) -> int:
     """Forward + backward FLOPs of one training step of ``impl`` at ``batch``."""
     cond = models.random_condition(batch, context_length, cfg.context_dim)
     with torch.device("meta"):

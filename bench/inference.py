@@ -30,7 +30,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from pipeline.text2image import cpu_has_native_bf16
-from stages.unet.samplers import SAMPLERS, SamplingConfig, cfg_velocity, seeded_noise
+from stages.unet.samplers import SAMPLERS, SamplerConfig, cfg_velocity, seeded_noise
 from stages.unet.schedules import FlowSchedule
 
 from . import models
@@ -82,10 +82,10 @@ class Sampling:
         return seeded_noise(shape, range(self.params["batch"])).to(self.device)
 
     def run(self, cond: Any, null: Any, noise: torch.Tensor) -> torch.Tensor:
-        """Ours samples with ``params["ours"]`` (a ``SamplingConfig``; default: the peer's
+        """Ours samples with ``params["ours"]`` (a ``SamplerConfig``; default: the peer's
         ``steps`` Euler steps, CFG at every step); the peer always runs its loop."""
         steps, scale = self.params["steps"], CFG_SCALE
-        ours = self.params.get("ours") or SamplingConfig(steps=steps, cfg_scale=scale)
+        ours = self.params.get("ours") or SamplerConfig(steps=steps, cfg_scale=scale)
         with autocast(self.device, self.params["precision"]):
             if self.impl == "ours":
                 grid = FlowSchedule().grid(ours.steps, ours.shift, device=noise.device)

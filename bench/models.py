@@ -36,7 +36,7 @@ from torch import nn
 from stages.clip.model import CLIPModelConfig, TextEncoder
 from stages.common.config import CONFIGS_DIR, ConfigError, from_dict, merge, to_dict
 from stages.unet.interop import diffusers_unet_kwargs
-from stages.unet.model import UNet, UNetConfig
+from stages.unet.model import UNet, UNetModelConfig
 from stages.vae.interop import diffusers_vae_kwargs
 from stages.vae.model import AutoencoderKL, VAEModelConfig
 
@@ -74,9 +74,9 @@ def clip_config(preset: str = PRESET) -> CLIPModelConfig:
     return preset_model(CLIPModelConfig, "clip", preset)
 
 
-def unet_config(latent_side: int, preset: str = PRESET) -> UNetConfig:
+def unet_config(latent_side: int, preset: str = PRESET) -> UNetModelConfig:
     """Our preset UNet resolved as the stage does, for latents of side ``latent_side``."""
-    model = preset_model(UNetConfig, "unet", preset)
+    model = preset_model(UNetModelConfig, "unet", preset)
     return replace(
         model,
         in_channels=vae_config(preset).latent_channels,
@@ -85,11 +85,11 @@ def unet_config(latent_side: int, preset: str = PRESET) -> UNetConfig:
     )
 
 
-def our_unet(cfg: UNetConfig) -> UNet:
+def our_unet(cfg: UNetModelConfig) -> UNet:
     return UNet(cfg)
 
 
-def peer_unet(cfg: UNetConfig) -> nn.Module:
+def peer_unet(cfg: UNetModelConfig) -> nn.Module:
     """UNet2DConditionModel; its feed-forwards re-sized to ``ff_mult`` (it fixes 4)."""
     model = UNet2DConditionModel(**diffusers_unet_kwargs(cfg))
     for block in model.modules():

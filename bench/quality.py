@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.text2image import SampleConfig
+from pipeline.text2image import PipelineConfig
 from stages.common.config import load_config
-from stages.unet.samplers import SamplingConfig
+from stages.unet.samplers import SamplerConfig
 
 from . import models
 from .harness import Case, Settings
@@ -31,12 +31,12 @@ from .inference import CFG_SCALE, STEPS, make_end_to_end
 SWEPT_PRESET = "tiny"
 
 
-def swept_defaults(preset: str = SWEPT_PRESET) -> SamplingConfig:
+def swept_defaults(preset: str = SWEPT_PRESET) -> SamplerConfig:
     """The preset's recorded sampling defaults (``sample.toml`` over the stage defaults)."""
-    return load_config(SampleConfig, preset, "sample").sampling(SamplingConfig())
+    return load_config(PipelineConfig, preset, "sample").sampling(SamplerConfig())
 
 
-def describe(s: SamplingConfig) -> str:
+def describe(s: SamplerConfig) -> str:
     lo, hi = s.cfg_interval
     return f"{s.sampler} {s.steps} shift {s.shift:g} CFG {s.cfg_scale:g} at t in [{lo:g}, {hi:g}]"
 

@@ -1,7 +1,7 @@
 """Command line: ``python -m pipeline generate|interactive|serve|demo|evaluate``.
 
 Thin: parse, build a ``Text2Image`` from ``runs/<preset>/{vae,clip,unet}/export`` (or the
-folders given), call it, write PNGs. Sampling defaults come from ``SampleConfig`` and
+folders given), call it, write PNGs. Sampling defaults come from ``PipelineConfig`` and
 ``configs/<preset>/sample.toml``; flags override them.
 
     python -m pipeline generate "red apple" --cfg-scale 7.5 --steps 20 --seed 42 --out out.png
@@ -31,13 +31,13 @@ import torch
 from stages.common.config import ConfigError, load_config
 from stages.common.export import ExportError
 from stages.common.interop import MissingExtra
-from stages.unet.samplers import SAMPLERS, SamplingConfig, check_cfg_interval
+from stages.unet.samplers import SAMPLERS, SamplerConfig, check_cfg_interval
 
 from .compiled import compile_models, warm_up
 from .init_image import InitImageError, read_init_image
 from .load import ExportFolders
 from .png import make_grid, save_png
-from .text2image import Generated, SampleConfig, Text2Image
+from .text2image import Generated, PipelineConfig, Text2Image
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def sample_config(args: argparse.Namespace) -> SampleConfig:
+def sample_config(args: argparse.Namespace) -> PipelineConfig:
     """Preset defaults with the flags given on top."""
-    config = load_config(SampleConfig, args.preset, "sample")
+    config = load_config(PipelineConfig, args.preset, "sample")
     flags = {
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,
@@ -206,7 +206,7 @@ def export_folders(args: argparse.Namespace) -> ExportFolders:
     )
 
 
-def load_pipeline(args: argparse.Namespace) -> tuple[Text2Image, SampleConfig, SamplingConfig]:
+def load_pipeline(args: argparse.Namespace) -> tuple[Text2Image, PipelineConfig, SamplerConfig]:
     """The pipeline, the pipeline config, and the sampling settings resolved against the
     defaults recorded in the UNet export."""
     config = sample_config(args)
@@ -222,7 +222,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Text2Image, SampleConfig, S
 
 def _generate(
     pipe: Text2Image,
-    sampling: SamplingConfig,
+    sampling: SamplerConfig,
     seed: int,
     prompts: list[str],
     negative: str,
@@ -455,7 +455,7 @@ def cmd_export_diffusers(args: argparse.Namespace) -> int:
     from .export_diffusers import export_diffusers
 
     # The preset's sample.toml over the defaults the UNet export recorded, as `generate`.
-    sample = load_config(SampleConfig, args.preset, "sample")
+    sample = load_config(PipelineConfig, args.preset, "sample")
     start = time.perf_counter()
     out = export_diffusers(export_folders(args), args.out, sample)
     print(f"diffusers pipeline written in {time.perf_counter() - start:.1f} s: {out}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.unet.samplers import SamplingConfig
+from stages.unet.samplers import SamplerConfig
 
 from .png import save_png
 from .text2image import Text2Image
@@ -62,7 +62,7 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
 
 def write_demo(
     pipe: Text2Image,
-    sampling: SamplingConfig,
+    sampling: SamplerConfig,
     seed: int,
     out: Path,
     prompts: tuple[str, ...] = DEMO_PROMPTS,

@@ -32,13 +32,13 @@ from stages.common.interop import require
 from stages.unet.interop import check_exportable as check_unet
 from stages.unet.interop import diffusers_unet_kwargs
 from stages.unet.interop import to_diffusers as unet_to_diffusers
-from stages.unet.samplers import SamplingConfig
+from stages.unet.samplers import SamplerConfig
 from stages.vae.interop import check_exportable as check_vae
 from stages.vae.interop import diffusers_vae_kwargs
 from stages.vae.interop import to_diffusers as vae_to_diffusers
 
 from .load import ExportFolders, Models, load_models
-from .text2image import SampleConfig
+from .text2image import PipelineConfig
 
 PIPELINE_SOURCE = Path(__file__).with_name("minisd_diffusers.py")
 PIPELINE_MODULE = "pipeline_minisd"
@@ -100,7 +100,7 @@ def _text(models: Models, folders: ExportFolders, out: Path) -> None:
     tokenizer.save_pretrained(out / "tokenizer")
 
 
-def _scheduler(models: Models, sampling: SamplingConfig, folder: Path) -> None:
+def _scheduler(models: Models, sampling: SamplerConfig, folder: Path) -> None:
     diffusers = require("diffusers", WHAT)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=round(models.unet.model.config.time_scale), shift=sampling.shift
@@ -108,7 +108,7 @@ def _scheduler(models: Models, sampling: SamplingConfig, folder: Path) -> None:
     scheduler.save_pretrained(folder)
 
 
-def _pipeline_source(sampling: SamplingConfig) -> str:
+def _pipeline_source(sampling: SamplerConfig) -> str:
     source = PIPELINE_SOURCE.read_text()
     for line, value in (
         ("DEFAULT_STEPS = ", sampling.steps),
@@ -120,7 +120,7 @@ def _pipeline_source(sampling: SamplingConfig) -> str:
     return source
 
 
-def _model_card(models: Models, sampling: SamplingConfig, record: dict[str, Any]) -> str:
+def _model_card(models: Models, sampling: SamplerConfig, record: dict[str, Any]) -> str:
     side = models.unet.resolution
     return f"""# minisd text-to-image model ({side} px), exported for diffusers
 
@@ -154,7 +154,9 @@ Source exports (sha256 identities): {json.dumps(record["exports"])}
 """
 
 
-def export_diffusers(folders: ExportFolders, out: Path, sample: SampleConfig | None = None) -> Path:
+def export_diffusers(
+    folders: ExportFolders, out: Path, sample: PipelineConfig | None = None
+) -> Path:
     """Write ``out`` from the three exports; returns it. Refuses an existing ``out``.
 
     ``sample`` (a preset's ``sample.toml``) overrides the sampling defaults the UNet export
@@ -167,7 +169,7 @@ def export_diffusers(folders: ExportFolders, out: Path, sample: SampleConfig | N
     require("transformers", WHAT)
     models = load_models(folders, "cpu")
     _check(models)
-    sampling = (sample or SampleConfig()).sampling(models.unet.sampling)
+    sampling = (sample or PipelineConfig()).sampling(models.unet.sampling)
     record = {
         "exports": models.hashes,
         "sampling": {

@@ -35,8 +35,8 @@ from typing import Any
 from stages.common.files import write_json_atomic
 from stages.unet.evaluate import spread
 from stages.unet.samplers import (
+    SamplerConfig,
     SamplerName,
-    SamplingConfig,
     check_cfg_interval,
     check_sampling,
     evaluation_times,
@@ -66,7 +66,7 @@ class SweepConfig:
     batch_size: int = 64
     timing_rounds: int = 3  # alternated timings of the reference and the chosen setting
 
-    def settings(self, reference: SamplingConfig) -> list[SamplingConfig]:
+    def settings(self, reference: SamplerConfig) -> list[SamplerConfig]:
         grid = [
             dataclasses.replace(
                 reference, steps=n, shift=s, sampler=name, eta=0.0, cfg_interval=tuple(i)
@@ -85,7 +85,7 @@ class SweepConfig:
         return grid
 
 
-def label(s: SamplingConfig) -> str:
+def label(s: SamplerConfig) -> str:
     lo, hi = s.cfg_interval
     return f"{s.sampler} {s.steps} shift {s.shift:g} cfg [{lo:g}, {hi:g}]"
 
@@ -96,7 +96,7 @@ def group(setting: dict[str, Any]) -> str:
     return f"{setting['sampler']} [{lo:g}, {hi:g}]"
 
 
-def rows_per_image(pipe: Text2Image, s: SamplingConfig) -> int:
+def rows_per_image(pipe: Text2Image, s: SamplerConfig) -> int:
     """UNet rows one image costs with setting ``s`` (exact: counted on the schedule grid)."""
     grid = pipe.models.unet.objective.schedule.grid(s.steps, s.shift, "cpu")
     guided = pipe.conditional and s.cfg_scale != 1.0
@@ -139,7 +139,7 @@ class Sweep:
         self.real, captions = real_embeddings(embedder, self.base)
         self.prompts = spread(captions, config.num_images)
 
-    def measure(self, s: SamplingConfig, seed: int) -> dict[str, Any]:
+    def measure(self, s: SamplerConfig, seed: int) -> dict[str, Any]:
         settings = dataclasses.replace(
             self.base,
             seed=seed,
@@ -155,7 +155,7 @@ class Sweep:
         )
         return {**metrics, "rows": rows_per_image(self.pipe, s)}
 
-    def _time(self, s: SamplingConfig, prompts: list[str]) -> float:
+    def _time(self, s: SamplerConfig, prompts: list[str]) -> float:
         start = time.perf_counter()
         self.pipe.generate(
             prompts,
@@ -168,7 +168,7 @@ class Sweep:
         )
         return (time.perf_counter() - start) / len(prompts)
 
-    def timing(self, a: SamplingConfig, b: SamplingConfig) -> dict[str, dict[str, float]]:
+    def timing(self, a: SamplerConfig, b: SamplerConfig) -> dict[str, dict[str, float]]:
         """Seconds per image of ``a`` and ``b``, alternated (ABBA) in rounds; at the sweep's
         batch and at batch 1 (8 single images per round). Medians of the rounds."""
         out = {}
@@ -191,7 +191,7 @@ def run_sweep(
     embedder: Any,
     evaluate: EvaluateSettings,
     config: SweepConfig,
-    reference: SamplingConfig,
+    reference: SamplerConfig,
     out: Path,
     log: Any = print,
 ) -> dict[str, Any]:

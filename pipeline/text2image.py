@@ -43,8 +43,8 @@ from stages.common.data import image_tensor
 from stages.unet.samplers import (
     SAMPLERS,
     RowNoise,
+    SamplerConfig,
     SamplerName,
-    SamplingConfig,
     cfg_velocity,
     check_cfg_interval,
     check_sampling,
@@ -69,7 +69,7 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
-class SampleConfig:
+class PipelineConfig:
     """Pipeline settings; ``configs/<preset>/sample.toml`` holds a preset's differences.
 
     Sampling fields left at None take the defaults the UNet export recorded at training
@@ -90,7 +90,7 @@ class SampleConfig:
     threads: int = 0
     compile: bool = False  # torch.compile the UNet and VAE decoder (pipeline/compiled.py)
 
-    def sampling(self, recorded: SamplingConfig) -> SamplingConfig:
+    def sampling(self, recorded: SamplerConfig) -> SamplerConfig:
         """``recorded`` (the export's defaults) with this config's set fields on top."""
         fields = ("steps", "cfg_scale", "sampler", "shift", "eta", "cfg_interval")
         return replace(
@@ -193,7 +193,7 @@ class Text2Image:
         return self.models.unet.latent_shape
 
     @property
-    def defaults(self) -> SamplingConfig:
+    def defaults(self) -> SamplerConfig:
         """Sampling settings recorded in the UNet export (used where generate gets None)."""
         return self.models.unet.sampling
 

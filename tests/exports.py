@@ -24,7 +24,7 @@ from stages.clip.model import ImageTower, ImageTowerConfig, TextEncoder, TextEnc
 from stages.clip.tokenizer import train_tokenizer
 from stages.common.data import DataConfig
 from stages.common.stage import RunContext
-from stages.unet.model import UNet, UNetConfig
+from stages.unet.model import UNet, UNetModelConfig
 from stages.unet.stage import UNetStage, UNetStageConfig
 from stages.vae.export import save_vae_export
 from stages.vae.model import AutoencoderKL, VAEModelConfig
@@ -82,7 +82,7 @@ def build_exports(root: Path, seed: int = 0) -> ExportFolders:
 
     config = UNetStageConfig(
         data=DataConfig(path=str(root / "no-data"), resolution=RESOLUTION),
-        model=UNetConfig(
+        model=UNetModelConfig(
             base_channels=16,
             channel_mult=(1, 2),
             attention_resolutions=(8, 4),

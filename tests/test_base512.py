@@ -20,10 +20,10 @@ from PIL import Image
 from synthetic import make_shards
 
 from pipeline.png import read_png_text
-from stages.clip.stage import CLIPConfig
+from stages.clip.stage import CLIPStageConfig
 from stages.common.config import changed_keys, load_config, parse_override, to_dict
 from stages.unet.stage import UNetStageConfig
-from stages.vae.stage import VAEConfig
+from stages.vae.stage import VAEStageConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "base"
@@ -49,7 +49,7 @@ OVERRIDES = {
         *("eval.max_real=4", "cache.batch_size=4"),
     ],
 }
-CONFIGS = {"vae": VAEConfig, "clip": CLIPConfig, "unet": UNetStageConfig}
+CONFIGS = {"vae": VAEStageConfig, "clip": CLIPStageConfig, "unet": UNetStageConfig}
 WIDTHS = {"base_channels", "norm_groups", "embed_dim", "width", "head_dim"}
 # The UNet stage fills these from the upstream exports (0 in the preset).
 RESOLVED = {"model.in_channels", "model.context_dim", "model.sample_size"}

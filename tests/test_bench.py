@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an
 from bench import harness, models, results  # noqa: E402
 from bench.harness import Case, Row, Settings, compare  # noqa: E402
 from bench.unet_train import build  # noqa: E402
-from stages.unet.model import UNetConfig  # noqa: E402
+from stages.unet.model import UNetModelConfig  # noqa: E402
 
-TINY = UNetConfig(
+TINY = UNetModelConfig(
     in_channels=4,
     context_dim=16,
     sample_size=8,

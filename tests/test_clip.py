@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from stages.clip.export import TextCondition, build_clip_modules, load_clip, save_clip_export
 from stages.clip.loss import LogitScale, contrastive_loss
 from stages.clip.model import CLIPModelConfig, ImageTowerConfig, TextEncoderConfig
-from stages.clip.stage import CLIPConfig, CLIPStage, retrieval_metrics
+from stages.clip.stage import CLIPStage, CLIPStageConfig, retrieval_metrics
 from stages.clip.tokenizer import CLIPTokenizer, TokenizerError, end_positions, train_tokenizer
 from stages.common.cli import run_stage
 from stages.common.config import ConfigError, load_config
@@ -274,14 +274,14 @@ def stage_overrides(data: Path, steps: int) -> list[str]:
 
 
 def test_stage_refuses_a_missing_vae_export(tiny_shards, tmp_path):
-    config = load_config(CLIPConfig, overrides=stage_overrides(tiny_shards, 1))
+    config = load_config(CLIPStageConfig, overrides=stage_overrides(tiny_shards, 1))
     with pytest.raises(ExportError, match="make vae"):
         CLIPStage(config, RunContext(tmp_path / "runs", "t", "clip"))
 
 
 def test_pixel_tower_needs_no_vae_and_records_no_vae_upstream(tiny_shards, tmp_path):
     overrides = [*stage_overrides(tiny_shards, 1), "model.image.input=pixel"]
-    config = load_config(CLIPConfig, overrides=overrides + ["model.image.patch_size=4"])
+    config = load_config(CLIPStageConfig, overrides=overrides + ["model.image.patch_size=4"])
     stage = CLIPStage(config, RunContext(tmp_path / "runs", "t", "clip"))  # no VAE export
     assert (stage.image_channels, stage.image_size) == (3, 16)
     modules = stage.build()
@@ -295,13 +295,13 @@ def test_pixel_tower_needs_no_vae_and_records_no_vae_upstream(tiny_shards, tmp_p
 
 def run_clip(data: Path, runs: Path, *overrides: str) -> int:
     argv = ["--preset", "tiny", "--data", str(data), "--runs", str(runs), *overrides]
-    return run_stage("clip", CLIPConfig, CLIPStage, argv)
+    return run_stage("clip", CLIPStageConfig, CLIPStage, argv)
 
 
 def test_loss_encodes_images_through_the_vae_on_the_fly(tiny_shards, tmp_path):
     runs = tmp_path / "runs"
     write_vae_export(runs, "t")
-    config = load_config(CLIPConfig, overrides=stage_overrides(tiny_shards, 1))
+    config = load_config(CLIPStageConfig, overrides=stage_overrides(tiny_shards, 1))
     stage = CLIPStage(config, RunContext(runs, "t", "clip"))
     assert (runs / "t" / "clip" / "tokenizer.json").exists()
     assert stage.image_size == 8 and stage.image_channels == 4
@@ -439,13 +439,13 @@ def test_fine_tuning_takes_the_exports_towers_and_tokenizer(tiny_shards, tmp_pat
     overrides = [*stage_overrides(tiny_shards, 1), "model.image.input=pixel"]
     overrides.append("model.image.patch_size=4")
     first = CLIPStage(
-        load_config(CLIPConfig, overrides=overrides), RunContext(tmp_path, "a", "clip")
+        load_config(CLIPStageConfig, overrides=overrides), RunContext(tmp_path, "a", "clip")
     )
     torch.manual_seed(0)
     trained = first.build()
     export = tmp_path / "export"
     first.export(trained, export)
-    config = load_config(CLIPConfig, overrides=[*overrides, f"init.from={export}"])
+    config = load_config(CLIPStageConfig, overrides=[*overrides, f"init.from={export}"])
     stage = CLIPStage(config, RunContext(tmp_path, "b", "clip"))
     # The token ids the export's embeddings learned: its tokenizer, not one trained anew.
     copied = tmp_path / "b" / "clip" / "tokenizer.json"
@@ -460,7 +460,7 @@ def test_fine_tuning_takes_the_exports_towers_and_tokenizer(tiny_shards, tmp_pat
         for key, value in trained[name].state_dict().items():
             assert torch.equal(module.state_dict()[key], value), f"{name}.{key}"
     wider = load_config(
-        CLIPConfig, overrides=[*overrides, "model.embed_dim=16", f"init.from={export}"]
+        CLIPStageConfig, overrides=[*overrides, "model.embed_dim=16", f"init.from={export}"]
     )
     with pytest.raises(ConfigError, match="model.embed_dim"):
         CLIPStage(wider, RunContext(tmp_path, "c", "clip")).init_weights(export)

@@ -29,7 +29,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from pipeline.__main__ import main as pipeline_main
 from pipeline.load import load_models
-from pipeline.text2image import SampleConfig, Text2Image
+from pipeline.text2image import PipelineConfig, Text2Image
 from stages.clip.export import load_clip
 from stages.clip.model import CLIPModelConfig
 from stages.common.config import ConfigError, from_dict, load_config, merge, to_dict
@@ -78,7 +78,7 @@ def test_the_folder_is_safetensors_json_and_the_pipeline_source(exported):
     assert {p.suffix for p in files} <= {".json", ".safetensors", ".py", ".md"}
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_minisd", "MinisdPipeline"]
-    preset = load_config(SampleConfig, "tiny", "sample")  # the export takes the preset's
+    preset = load_config(PipelineConfig, "tiny", "sample")  # the export takes the preset's
     sampling = json.loads((out / "minisd.json").read_text())["sampling"]
     assert sampling["steps"] == preset.steps
     source = (out / "pipeline_minisd.py").read_text()
@@ -348,7 +348,7 @@ def _folders(runs: Path):
 
 def _train_clip_and_unet(shards: Path, runs: Path) -> None:
     """Two steps of each stage on the imported VAE, through their command lines."""
-    from stages.clip.stage import CLIPConfig, CLIPStage
+    from stages.clip.stage import CLIPStage, CLIPStageConfig
     from stages.common.cli import run_stage
     from stages.unet.stage import UNetStage
 
@@ -362,5 +362,5 @@ def _train_clip_and_unet(shards: Path, runs: Path) -> None:
     unet += ["model.groups=8", "model.attention_resolutions=[4]", "cache.shard_size=40"]
     argv = ["--preset", "tiny", "--data", str(shards), "--runs", str(runs), *common]
     with one_torch_thread():
-        assert run_stage("clip", CLIPConfig, CLIPStage, [*argv, *clip]) == 0
+        assert run_stage("clip", CLIPStageConfig, CLIPStage, [*argv, *clip]) == 0
         assert run_stage("unet", UNetStageConfig, UNetStage, [*argv, *unet]) == 0

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from stages.unet.model import UNet, UNetConfig
+from stages.unet.model import UNet, UNetModelConfig
 from stages.unet.objectives import (
     OBJECTIVES,
     Objective,
@@ -466,7 +466,7 @@ def test_objective_config_validation_and_conventions():
 
 
 def tiny_unet() -> UNet:
-    cfg = UNetConfig(
+    cfg = UNetModelConfig(
         in_channels=3,
         context_dim=-1,
         sample_size=8,

@@ -27,7 +27,7 @@ from pipeline.text2image import Text2Image, resolve_dtype
 from stages.common.data import image_tensor
 from stages.common.export import ExportError
 from stages.common.files import sha256_file
-from stages.unet.samplers import SamplingConfig
+from stages.unet.samplers import SamplerConfig
 
 STEPS = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -97,9 +97,9 @@ def test_negative_prompt_replaces_the_null_condition(pipe):
 
 
 def test_defaults_come_from_the_unet_export(pipe):
-    assert pipe.defaults == SamplingConfig()  # the UNet stage's defaults, as exported
+    assert pipe.defaults == SamplerConfig()  # the UNet stage's defaults, as exported
     out = pipe.generate(["red apple"], seed=1)
-    assert out[0].metadata["steps"] == str(SamplingConfig().steps)
+    assert out[0].metadata["steps"] == str(SamplerConfig().steps)
 
 
 def test_bad_arguments_are_refused(pipe):
@@ -316,7 +316,7 @@ def test_interactive_saves_one_png_per_prompt(tiny_exports, tmp_path, monkeypatc
 
 def test_demo_grid_has_one_labelled_row_per_prompt(pipe, tmp_path):
     prompts = ("red apple; flat colour emoji", "black heart; flat colour emoji")
-    sampling = SamplingConfig(steps=2, cfg_scale=3.0)
+    sampling = SamplerConfig(steps=2, cfg_scale=3.0)
     path = write_demo(pipe, sampling, 0, tmp_path / "demo.png", prompts=prompts, per_prompt=3)
     image = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
     assert image.shape[1] > 3 * 128 and image.shape[0] > 2 * 128  # enlarged 16 px cells

@@ -30,7 +30,7 @@ from stages.common.probe import (
     text_probe,
 )
 from stages.unet.evaluate import r_precision
-from stages.unet.model import UNet, UNetConfig
+from stages.unet.model import UNet, UNetModelConfig
 
 EMOJI = "red heart, love, emotion; flat colour emoji"
 
@@ -170,7 +170,7 @@ def test_identical_captions_are_positives_of_each_other():
 
 
 def test_scale_shift_resblocks_take_the_pooled_text():
-    cfg = UNetConfig(
+    cfg = UNetModelConfig(
         in_channels=4,
         context_dim=8,
         sample_size=8,

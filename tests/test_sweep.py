@@ -14,7 +14,7 @@ from synthetic import make_shards
 
 from pipeline.__main__ import main as pipeline_main
 from pipeline.sweep import SweepConfig, pick
-from stages.unet.samplers import SamplingConfig
+from stages.unet.samplers import SamplerConfig
 
 
 def row(rp: float, fd: float, clip: float, rows: int, seconds: float = 1.0) -> dict:
@@ -48,7 +48,7 @@ def test_pick_takes_the_cheapest_setting_within_the_noise_of_the_best():
 
 
 def test_the_grid_is_the_product_and_bad_configs_are_refused():
-    reference = SamplingConfig(steps=20)
+    reference = SamplerConfig(steps=20)
     config = SweepConfig(steps=(2, 4), shifts=(1.0, 3.0), samplers=("euler", "heun"))
     grid = config.settings(reference)
     assert len(grid) == 2 * 2 * 2 * len(config.intervals)

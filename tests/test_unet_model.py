@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from stages.clip.export import TextCondition
-from stages.unet.model import SpatialTransformer, UNet, UNetConfig
+from stages.unet.model import SpatialTransformer, UNet, UNetModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_unet_config(**kw) -> UNetConfig:
+def tiny_unet_config(**kw) -> UNetModelConfig:
     base = dict(
         in_channels=4,
         context_dim=16,
@@ -25,7 +25,7 @@ def tiny_unet_config(**kw) -> UNetConfig:
         head_dim=8,
         groups=8,
     )
-    return UNetConfig(**{**base, **kw})
+    return UNetModelConfig(**{**base, **kw})
 
 
 def randomise_zero_inits(model: torch.nn.Module) -> None:

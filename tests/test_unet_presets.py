@@ -8,7 +8,7 @@ import tomllib
 import pytest
 import torch
 
-from pipeline.text2image import SampleConfig
+from pipeline.text2image import PipelineConfig
 from stages.common.config import CONFIGS_DIR, load_config
 from stages.unet.model import UNet, count_parameters
 from stages.unet.samplers import check_sampling
@@ -34,7 +34,7 @@ def test_base_preset_is_about_230m_parameters():
 
 def test_sample_toml_agrees_with_the_stage_sample_section():
     for preset in ("tiny", "small", "base"):
-        recorded = load_config(SampleConfig, preset, "sample")
+        recorded = load_config(PipelineConfig, preset, "sample")
         stage = load_config(UNetStageConfig, preset, "unet").sample
         fields = ("steps", "cfg_scale", "sampler", "shift", "cfg_interval")
         assert recorded.sampling(stage) == stage, preset  # every field sample.toml sets agrees
@@ -44,7 +44,7 @@ def test_sample_toml_agrees_with_the_stage_sample_section():
 @pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_preset_loads_strictly(preset):
     cfg = load_config(UNetStageConfig, preset, "unet")
-    sample = load_config(SampleConfig, preset, "sample")
+    sample = load_config(PipelineConfig, preset, "sample")
     check_sampling(cfg.sample.sampler, cfg.sample.steps, cfg.sample.eta)
     # What sample.toml sets agrees with the defaults the UNet export will record.
     assert sample.sampling(cfg.sample) == cfg.sample
@@ -64,7 +64,7 @@ def test_new_pixel_presets_size_and_sampling(preset):
     recorded = tomllib.loads((CONFIGS_DIR / preset / "sample.toml").read_text())
     assert recorded["sampler"] == cfg.sample.sampler
     assert recorded["steps"] == cfg.sample.steps
-    sample = load_config(SampleConfig, preset, "sample")
+    sample = load_config(PipelineConfig, preset, "sample")
     assert sample.sampling(cfg.sample) == cfg.sample  # the pipeline samples as the previews
 
 

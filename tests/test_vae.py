@@ -35,7 +35,7 @@ from stages.vae.loss import (
 )
 from stages.vae.metrics import reconstruction_metrics
 from stages.vae.model import AutoencoderKL, DiagonalGaussian, VAEModelConfig
-from stages.vae.stage import LatentStatsConfig, VAEConfig, VAEStage, ValConfig
+from stages.vae.stage import LatentStatsConfig, VAEStage, VAEStageConfig, VAEValConfig
 
 
 def tiny_model_config(channel_mult=(1, 2, 2), **kw) -> VAEModelConfig:
@@ -239,7 +239,7 @@ def test_offline_lpips_error_names_every_fix_and_one_retry_passes(preset, monkey
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     ctx = RunContext(tmp_path / "runs", preset, "vae")
     with pytest.raises(LPIPSUnavailable) as err:
-        VAEStage(load_config(VAEConfig, preset, "vae"), ctx)
+        VAEStage(load_config(VAEStageConfig, preset, "vae"), ctx)
     message = str(err.value)
     [(url, dst)] = attempts
     assert url in message and dst in message  # where torch hub looks, down to the file name
@@ -247,11 +247,11 @@ def test_offline_lpips_error_names_every_fix_and_one_retry_passes(preset, monkey
     overrides = re.search(r'ARGS="([^"]*)"', message).group(1).split()
     assert overrides == ["loss.lpips_weight=0", "val.metric=l1"]
     assert " ".join(overrides) in message
-    stage = VAEStage(load_config(VAEConfig, preset, "vae", overrides), ctx)  # the one retry
+    stage = VAEStage(load_config(VAEStageConfig, preset, "vae", overrides), ctx)  # the one retry
     assert stage.loss_fn.lpips is None and len(attempts) == 1
     # The command line reports it as a config error (exit 2), not a traceback.
     argv = ["--preset", preset, "--data", str(tmp_path), "--runs", str(tmp_path / "runs")]
-    assert run_stage("vae", VAEConfig, VAEStage, argv) == 2
+    assert run_stage("vae", VAEStageConfig, VAEStage, argv) == 2
 
 
 class _Payload:
@@ -349,16 +349,16 @@ def test_export_round_trip_and_corruption(tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "base"])
 def test_presets_load(preset):
-    cfg = load_config(VAEConfig, preset, "vae")
+    cfg = load_config(VAEStageConfig, preset, "vae")
     assert cfg.data.resolution % cfg.model.factor == 0
 
 
-def tiny_stage_config(shards: Path, **loss) -> VAEConfig:
-    return VAEConfig(
+def tiny_stage_config(shards: Path, **loss) -> VAEStageConfig:
+    return VAEStageConfig(
         model=tiny_model_config(),
         loss=VAELossConfig(**{"lpips_weight": 0.0, "discriminator": False, **loss}),
         data=DataConfig(path=str(shards), resolution=16, batch_size=8),
-        val=ValConfig(metric="psnr", preview_images=4),
+        val=VAEValConfig(metric="psnr", preview_images=4),
         stats=LatentStatsConfig(batches=3),
     )
 
@@ -407,16 +407,16 @@ def test_stage_contract_without_the_trainer(tiny_shards, tmp_path):
 def test_stage_refuses_bad_configs(tiny_shards, tmp_path):
     ctx = RunContext(tmp_path, "test", "vae")
     with pytest.raises(ConfigError, match="val.metric"):
-        VAEStage(VAEConfig(loss=VAELossConfig(lpips_weight=0)), ctx)
+        VAEStage(VAEStageConfig(loss=VAELossConfig(lpips_weight=0)), ctx)
     with pytest.raises(ConfigError, match="loss.disc_layers"):
         VAEStage(tiny_stage_config(tiny_shards, discriminator=True), ctx)  # 16 px, 3 layers
     with pytest.raises(ConfigError, match="data.resolution"):
         VAEStage(
-            VAEConfig(
+            VAEStageConfig(
                 model=tiny_model_config((1, 2, 2, 2, 2, 2)),
                 loss=VAELossConfig(lpips_weight=0, discriminator=False),
                 data=DataConfig(path=str(tiny_shards), resolution=16),
-                val=ValConfig(metric="l1"),
+                val=VAEValConfig(metric="l1"),
             ),
             ctx,
         )
@@ -431,7 +431,7 @@ def test_end_to_end_tiny_run_writes_an_export(tiny_shards, tmp_path):
         *("train.preview_every=4", "ckpt.every_steps=2", "stats.batches=2", "train.trackers=[]"),
         *("optim.lr=3e-3", "optim.warmup_steps=0"),
     ]
-    assert run_stage("vae", VAEConfig, VAEStage, argv) == 0
+    assert run_stage("vae", VAEStageConfig, VAEStage, argv) == 0
     run = tmp_path / "tiny" / "vae"
     vae = load_vae(run / "export")
     assert (vae.factor, vae.resolution) == (4, 16) and torch.all(vae.std > 0)
@@ -443,7 +443,7 @@ def test_end_to_end_tiny_run_writes_an_export(tiny_shards, tmp_path):
     train = [line for line in lines if line["split"] == "train"]
     assert [line["step"] for line in train] == [2, 4] and train[1]["loss"] < train[0]["loss"]
     assert (run / "previews" / "vae_0000004.png").exists()
-    assert run_stage("vae", VAEConfig, VAEStage, argv) == 0  # finished: nothing to do
+    assert run_stage("vae", VAEStageConfig, VAEStage, argv) == 0  # finished: nothing to do
     assert load_vae(run / "export").hash == vae.hash
 
 

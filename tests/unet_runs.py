@@ -21,8 +21,8 @@ from stages.clip.tokenizer import train_tokenizer
 from stages.common.data import iter_split
 from stages.common.stage import RunContext
 from stages.common.trainer import train
-from stages.unet.model import UNetConfig
-from stages.unet.samplers import SamplingConfig
+from stages.unet.model import UNetModelConfig
+from stages.unet.samplers import SamplerConfig
 from stages.unet.stage import InputsConfig, UNetStage, UNetStageConfig
 from stages.vae.export import save_vae_export
 from stages.vae.model import AutoencoderKL, VAEModelConfig
@@ -72,7 +72,7 @@ def copy_runs(exports: Path, tmp_path: Path) -> Path:
     return runs
 
 
-TEST_MODEL = UNetConfig(
+TEST_MODEL = UNetModelConfig(
     base_channels=16,
     channel_mult=(1, 2),
     num_res_blocks=1,
@@ -93,7 +93,7 @@ def stage_config(shards: Path, **train) -> UNetStageConfig:
         ckpt=replace(cfg.ckpt, every_steps=0, every_minutes=0.0),
         model=TEST_MODEL,
         cache=replace(cfg.cache, shard_size=40, batch_size=32),
-        sample=SamplingConfig(steps=3, cfg_scale=2.0),
+        sample=SamplerConfig(steps=3, cfg_scale=2.0),
         eval=replace(cfg.eval, num_images=8, grid_rows=2, grid_seeds=2, batch_size=16),
     )
 
@@ -106,7 +106,7 @@ PRESET = "modes"
 KINDS = ("flow", "eps", "v", "vdm")
 # (sampler, eta): every sampler, DDIM deterministic and stochastic.
 SAMPLER_RUNS = (("euler", 0.0), ("heun", 0.0), ("ddim", 0.0), ("ddim", 0.5), ("ancestral", 0.0))
-MODEL = UNetConfig(
+MODEL = UNetModelConfig(
     base_channels=8,
     channel_mult=(1, 2),
     num_res_blocks=1,
@@ -155,7 +155,7 @@ def config(
         model=MODEL,
         inputs=InputsConfig(autoencoder=autoencoder, text=text),  # type: ignore[arg-type]
         objective=replace(cfg.objective, kind=kind),
-        sample=SamplingConfig(steps=3, cfg_scale=2.0),
+        sample=SamplerConfig(steps=3, cfg_scale=2.0),
         eval=replace(
             cfg.eval, num_images=8, grid_rows=2, grid_seeds=2, batch_size=16, bpd_images=16
         ),

@@ -2,6 +2,6 @@
 
 from stages.common.cli import run_stage
 
-from .stage import CLIPConfig, CLIPStage
+from .stage import CLIPStage, CLIPStageConfig
 
-raise SystemExit(run_stage("clip", CLIPConfig, CLIPStage))
+raise SystemExit(run_stage("clip", CLIPStageConfig, CLIPStage))

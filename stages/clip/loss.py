@@ -25,7 +25,7 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class CLIPLossConfig:
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
 

@@ -58,7 +58,7 @@ from stages.common.trainer import TrainConfig, unwrap
 from stages.vae.export import LoadedVAE, load_vae
 
 from .export import build_clip_modules, save_clip_export
-from .loss import LogitScale, LossConfig, caption_groups, contrastive_loss
+from .loss import CLIPLossConfig, LogitScale, caption_groups, contrastive_loss
 from .model import CLIPModelConfig, ImageTower, TextEncoder
 from .tokenizer import CLIPTokenizer, train_tokenizer
 
@@ -75,7 +75,7 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
-class ValConfig:
+class CLIPValConfig:
     batch_size: int = 256
     preview_images: int = 8  # val images whose top-1 caption the preview lists
     preview_candidates: int = 64  # captions they are matched against
@@ -83,7 +83,7 @@ class ValConfig:
 
 
 @dataclass(frozen=True)
-class LatentCacheConfig(CacheConfig):
+class CLIPCacheConfig(CacheConfig):
     """The train split's normalised VAE posterior means, encoded once (the frozen VAE and
     unaugmented images give the tower the same input every epoch; on a CPU encoding each
     batch again costs more than the CLIP step). Off by default."""
@@ -93,7 +93,7 @@ class LatentCacheConfig(CacheConfig):
 
 
 @dataclass(frozen=True)
-class CLIPConfig:
+class CLIPStageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -102,9 +102,9 @@ class CLIPConfig:
     init: InitConfig = field(default_factory=InitConfig)
     model: CLIPModelConfig = field(default_factory=CLIPModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    val: ValConfig = field(default_factory=ValConfig)
-    cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
+    loss: CLIPLossConfig = field(default_factory=CLIPLossConfig)
+    val: CLIPValConfig = field(default_factory=CLIPValConfig)
+    cache: CLIPCacheConfig = field(default_factory=CLIPCacheConfig)
     captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
 
 
@@ -123,7 +123,7 @@ def read_captions(split_dir: Path, limit: int = 0) -> list[str]:
     return captions
 
 
-def prepare_tokenizer(run_dir: Path, config: CLIPConfig) -> CLIPTokenizer:
+def prepare_tokenizer(run_dir: Path, config: CLIPStageConfig) -> CLIPTokenizer:
     """Load the run's tokenizer, training it first if this run has none.
 
     Only the main process trains (and writes atomically); other ranks wait for the file.
@@ -193,7 +193,7 @@ class CLIPStage:
     # Change no training computation (a cache shard holds fixed rows; the order is the same).
     resume_safe_keys = ("val.*", "cache.batch_size", "cache.shard_size")
 
-    def __init__(self, config: CLIPConfig, ctx: RunContext):
+    def __init__(self, config: CLIPStageConfig, ctx: RunContext):
         self.config = config
         self.ctx = ctx
         image = config.model.image

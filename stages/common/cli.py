@@ -1,6 +1,6 @@
 """The command line of every stage: ``python -m stages.<name> --preset tiny --data DIR ...``.
 
-Each stage's ``__main__`` is ``raise SystemExit(run_stage("vae", VAEConfig, VAEStage))``.
+Each stage's ``__main__`` is ``raise SystemExit(run_stage("vae", VAEStageConfig, VAEStage))``.
 The config is defaults <- ``configs/<preset>/<name>.toml`` <- ``section.key=value``
 overrides (``--data X`` is the override ``data.path=X``); ``--dry-run`` prints it and exits.
 Otherwise the run folder ``<runs>/<preset>/<name>/`` is locked (a second process on it is

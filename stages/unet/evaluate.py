@@ -38,7 +38,7 @@ from stages.common.export import ExportError
 from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
 
 from .objectives import VDM, Objective
-from .samplers import SAMPLERS, RowNoise, SamplingConfig, cfg_velocity, seeded_noise
+from .samplers import SAMPLERS, RowNoise, SamplerConfig, cfg_velocity, seeded_noise
 
 Autoencoder = LoadedVAE | IdentityAutoencoder
 
@@ -186,7 +186,7 @@ class Evaluator:
         val_dir: Path,
         resolution: int,
         cfg: EvalConfig,
-        sampling: SamplingConfig,
+        sampling: SamplerConfig,
         objective: Objective,
     ):
         self.autoencoder, self.text, self.embedder = autoencoder, text, embedder

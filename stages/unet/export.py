@@ -20,9 +20,9 @@ import torch
 from stages.common.config import ConfigError, from_dict
 from stages.common.export import ExportError, check_upstream, load_tensors, read_export
 
-from .model import UNet, UNetConfig
+from .model import UNet, UNetModelConfig
 from .objectives import Objective, ObjectiveConfig, make_objective
-from .samplers import SamplingConfig
+from .samplers import SamplerConfig
 
 STAGE = "unet"
 
@@ -52,7 +52,7 @@ class LoadedUNet:
     upstream: dict[str, str]
     latent_shape: tuple[int, int, int]  # (C, h, w) of the normalised latents it denoises
     resolution: int  # image side in pixels after decoding
-    sampling: SamplingConfig  # defaults recorded at training time
+    sampling: SamplerConfig  # defaults recorded at training time
     info: dict[str, Any]
     objective: Objective  # turns the network into a flow velocity; holds the schedule
     inputs: InputsConfig
@@ -84,8 +84,8 @@ def load_unet(
     info = manifest.get("info", {})
     try:
         inputs = InputsConfig.recorded(info)
-        config = from_dict(UNetConfig, info["model"], prefix="model.")
-        sampling = from_dict(SamplingConfig, info["sampling"], prefix="sampling.")
+        config = from_dict(UNetModelConfig, info["model"], prefix="model.")
+        sampling = from_dict(SamplerConfig, info["sampling"], prefix="sampling.")
         objective_cfg = from_dict(ObjectiveConfig, info.get("objective", {}), prefix="objective.")
         latent_shape = tuple(int(v) for v in info["latent_shape"])
         resolution = int(info["resolution"])

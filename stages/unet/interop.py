@@ -29,7 +29,7 @@ from torch import nn
 from stages.common.config import ConfigError
 
 from .export import InputsConfig
-from .model import UNet, UNetConfig
+from .model import UNet, UNetModelConfig
 from .objectives import ObjectiveConfig
 
 DIFFUSERS_FF_MULT = 4  # BasicTransformerBlock's FeedForward: inner width = 4 x dim
@@ -43,7 +43,7 @@ _TRANSFORMER_BLOCK = {
 }
 
 
-def diffusers_unet_kwargs(cfg: UNetConfig) -> dict[str, Any]:
+def diffusers_unet_kwargs(cfg: UNetModelConfig) -> dict[str, Any]:
     """UNet2DConditionModel arguments equal to our ``cfg`` (its feed-forward is 4x wide)."""
     channels = tuple(cfg.base_channels * m for m in cfg.channel_mult)
     sides = [cfg.sample_size // 2**i for i in range(len(channels))]
@@ -78,7 +78,9 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict[str, Any]:
     }
 
 
-def check_exportable(cfg: UNetConfig, inputs: InputsConfig, objective: ObjectiveConfig) -> None:
+def check_exportable(
+    cfg: UNetModelConfig, inputs: InputsConfig, objective: ObjectiveConfig
+) -> None:
     """Refuse, naming our key, a UNet that UNet2DConditionModel + the flow-matching pipeline
     cannot reproduce."""
     if not inputs.text:
@@ -117,7 +119,7 @@ def check_exportable(cfg: UNetConfig, inputs: InputsConfig, objective: Objective
         )
 
 
-def _rename(key: str, cfg: UNetConfig) -> str:
+def _rename(key: str, cfg: UNetModelConfig) -> str:
     """One of our state-dict keys -> diffusers' name for it (feed-forward shapes aside)."""
     parts = key.split(".")
     head, rest = parts[0], parts[1:]
@@ -168,7 +170,7 @@ def _pad_ff(name: str, value: torch.Tensor, mult: int) -> torch.Tensor:
     return out
 
 
-def to_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+def to_diffusers(state: dict[str, torch.Tensor], cfg: UNetModelConfig) -> dict[str, torch.Tensor]:
     """Our UNet state dict -> a UNet2DConditionModel state dict (``check_exportable`` first)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():

@@ -1,6 +1,6 @@
 """The cross-attention UNet: a velocity network ``v = f(x_t, t, text)``; it knows nothing of noise.
 
-Layout (as in Stable Diffusion's UNet, sized by ``UNetConfig``):
+Layout (as in Stable Diffusion's UNet, sized by ``UNetModelConfig``):
 
     conv_in -> down levels [ResBlock (+ SpatialTransformer)] x num_res_blocks, Downsample
             -> mid ResBlock, SpatialTransformer, ResBlock
@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetModelConfig:
     # 0 = taken from the upstream exports / data by the stage (latent channels of the VAE,
     # width of the CLIP text encoder, latent side = data.resolution // VAE factor);
     # context_dim -1 after resolution means unconditional (no text encoder).
@@ -189,7 +189,7 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """(B, C, H, W) -> tokens (B, HW, C) -> transformer blocks -> back, as a residual."""
 
-    def __init__(self, channels: int, cfg: UNetConfig):
+    def __init__(self, channels: int, cfg: UNetModelConfig):
         super().__init__()
         heads = max(1, channels // cfg.head_dim)
         self.norm = group_norm(channels, cfg.groups)
@@ -235,7 +235,7 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One ResBlock and, at attention resolutions, one SpatialTransformer."""
 
-    def __init__(self, cin: int, cout: int, temb_dim: int, attention: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, temb_dim: int, attention: bool, cfg: UNetModelConfig):
         super().__init__()
         self.res = ResBlock(cin, cout, temb_dim, cfg.groups, cfg.dropout, cfg.scale_shift)
         self.attn = SpatialTransformer(cout, cfg) if attention else None
@@ -253,16 +253,16 @@ class UNet(nn.Module):
     (``context_dim = -1``). What the output means (velocity, noise, v) is the objective's.
     """
 
-    def __init__(self, cfg: UNetConfig):
+    def __init__(self, cfg: UNetModelConfig):
         super().__init__()
         for name in ("in_channels", "sample_size"):
             if getattr(cfg, name) <= 0:
-                raise ValueError(f"UNetConfig.{name} must be resolved (> 0), got 0")
+                raise ValueError(f"UNetModelConfig.{name} must be resolved (> 0), got 0")
         if cfg.context_dim == 0:
-            raise ValueError("UNetConfig.context_dim must be resolved (> 0, or -1: no text)")
+            raise ValueError("UNetModelConfig.context_dim must be resolved (> 0, or -1: no text)")
         if cfg.sample_size % 2 ** (len(cfg.channel_mult) - 1):
             raise ValueError(
-                f"UNetConfig.sample_size {cfg.sample_size} is not divisible by "
+                f"UNetModelConfig.sample_size {cfg.sample_size} is not divisible by "
                 f"2^{len(cfg.channel_mult) - 1} (one halving per level)"
             )
         self.config = cfg

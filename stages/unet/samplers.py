@@ -50,7 +50,7 @@ SAMPLER_NAMES: tuple[SamplerName, ...] = get_args(
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplerConfig:
     """Sampling defaults recorded in the export (the pipeline's ``sample.toml`` mirrors them)."""
 
     sampler: SamplerName = "euler"

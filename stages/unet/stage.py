@@ -58,9 +58,9 @@ from stages.vae.export import IdentityAutoencoder, LoadedVAE, load_vae
 from .encode import UNetCacheConfig, encode_batch, latents_and_condition
 from .evaluate import EvalConfig, Evaluator, ImageEmbedder, describe
 from .export import InputsConfig
-from .model import UNet, UNetConfig, count_parameters
+from .model import UNet, UNetModelConfig, count_parameters
 from .objectives import VDM, ObjectiveConfig, make_objective
-from .samplers import SamplingConfig, check_sampling
+from .samplers import SamplerConfig, check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +73,18 @@ class UNetStageConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    model: UNetConfig = field(default_factory=UNetConfig)
+    model: UNetModelConfig = field(default_factory=UNetModelConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     cache: UNetCacheConfig = field(default_factory=UNetCacheConfig)
-    sample: SamplingConfig = field(default_factory=SamplingConfig)
+    sample: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
 
 
-def resolve_model(cfg: UNetConfig, channels: int, context_dim: int, side: int) -> UNetConfig:
+def resolve_model(
+    cfg: UNetModelConfig, channels: int, context_dim: int, side: int
+) -> UNetModelConfig:
     """Fill the 0 (= from upstream) fields; a set field must agree with the exports."""
     resolved = {"in_channels": channels, "context_dim": context_dim, "sample_size": side}
     for name, value in resolved.items():

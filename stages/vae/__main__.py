@@ -13,6 +13,6 @@ if sys.argv[1:2] == ["import-diffusers"]:
 
 from stages.common.cli import run_stage  # noqa: E402
 
-from .stage import VAEConfig, VAEStage  # noqa: E402
+from .stage import VAEStage, VAEStageConfig  # noqa: E402
 
-raise SystemExit(run_stage("vae", VAEConfig, VAEStage))
+raise SystemExit(run_stage("vae", VAEStageConfig, VAEStage))

@@ -53,7 +53,7 @@ def save_vae_export(
 ) -> str:
     """Write a VAE export of ``model`` (even an untrained one); returns the export hash.
 
-    ``config`` is written as ``config.json`` (the stage's resolved VAEConfig, or just a
+    ``config`` is written as ``config.json`` (the stage's resolved VAEStageConfig, or just a
     VAEModelConfig in tests). ``mean`` / ``std`` are the per-channel latent statistics, (C,).
     ``resolution`` defaults to ``config.data.resolution`` when the config has a data section,
     else to the DataConfig default (32 px). ``started_from``: the export a fine-tuning run

@@ -34,7 +34,7 @@ from stages.common.stage import RunContext
 from .export import save_vae_export
 from .interop import config_from_diffusers, from_diffusers
 from .model import AutoencoderKL
-from .stage import VAEConfig, latent_statistics
+from .stage import VAEStageConfig, latent_statistics
 
 
 def model_folder(path: Path) -> Path:
@@ -45,7 +45,7 @@ def model_folder(path: Path) -> Path:
     return path
 
 
-def import_vae(source: Path, config: VAEConfig, folder: Path, device: torch.device) -> str:
+def import_vae(source: Path, config: VAEStageConfig, folder: Path, device: torch.device) -> str:
     """Convert ``source``, measure its latent statistics on ``config.data``, write the
     export to ``folder``; returns the export hash."""
     source = model_folder(source)
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = ([f"data.path={args.data}"] if args.data else []) + list(args.overrides)
     ctx = RunContext(Path(args.runs), args.preset, "vae")
     try:
-        config = load_config(VAEConfig, args.preset, "vae", overrides)
+        config = load_config(VAEStageConfig, args.preset, "vae", overrides)
         if not config.data.path:
             raise ConfigError("data.path: pass --data <shard folder> to measure the statistics on")
         folder = ctx.export_dir()

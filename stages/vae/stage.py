@@ -54,7 +54,7 @@ METRIC_DIRECTION: dict[str, Literal["min", "max"]] = {
 
 
 @dataclass(frozen=True)
-class ValConfig:
+class VAEValConfig:
     batch_size: int = 0  # 0: data.batch_size
     max_batches: int = 0  # 0: the whole val split
     metric: Literal["lpips", "l1", "psnr", "ssim"] = "lpips"  # keeps the best checkpoint
@@ -70,7 +70,7 @@ class LatentStatsConfig:
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEStageConfig:
     model: VAEModelConfig = field(default_factory=VAEModelConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -80,11 +80,11 @@ class VAEConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    val: ValConfig = field(default_factory=ValConfig)
+    val: VAEValConfig = field(default_factory=VAEValConfig)
     stats: LatentStatsConfig = field(default_factory=LatentStatsConfig)
 
 
-def without_lpips(config: VAEConfig) -> tuple[str, ...]:
+def without_lpips(config: VAEStageConfig) -> tuple[str, ...]:
     """Every override that trains ``config`` without LPIPS: offline, one retry must work."""
     if config.val.metric == "lpips":
         return ("loss.lpips_weight=0", "val.metric=l1")
@@ -134,7 +134,7 @@ class VAEStage:
         "loss.disc_factor",
     )
 
-    def __init__(self, config: VAEConfig, ctx: RunContext) -> None:
+    def __init__(self, config: VAEStageConfig, ctx: RunContext) -> None:
         self.config = config
         self.ctx = ctx
         factor = config.model.factor
