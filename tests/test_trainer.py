@@ -36,7 +36,6 @@ from stages.common.exits import (
     EXIT_PREEMPTED,
 )
 from stages.common.files import sha256_file
-from stages.common.log import read_metrics
 from stages.common.optim import lr_at
 from stages.common.stage import RunContext
 from stages.common.trainer import train
@@ -47,6 +46,11 @@ STATE_STEMS = ("model.net", "model.critic", "ema", "optimizer", "trainer", "rank
 
 
 @pytest.fixture(autouse=True)
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons; each run here is a new process in real use."""
     yield

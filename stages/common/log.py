@@ -63,10 +63,6 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def available_trackers(requested: Sequence[str]) -> list[str]:
     """The requested trackers whose packages are installed (the others are warned about)."""
     out = []
