@@ -45,12 +45,12 @@ REPO = TESTS.parent
 STATE_STEMS = ("model.net", "model.critic", "ema", "optimizer", "trainer", "rank0")
 
 
-@pytest.fixture(autouse=True)
 def read_metrics(path: Path) -> list[dict]:
     """The records of a run's ``metrics.jsonl``."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+@pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons; each run here is a new process in real use."""
     yield
