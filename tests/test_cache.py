@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from toy_stage import colour_summary
+from toy_stage import colour_summary, two_rank_env
 
 from stages.common.cache import CacheConfig, CachedRows, cached_batches, ensure_cache
 from stages.common.data import iter_split
@@ -106,12 +105,7 @@ def test_a_hit_encodes_nothing_and_damage_is_encoded_again_alone(tiny_shards, tm
 def launch(runs: Path, shards: Path, *overrides: str) -> list[subprocess.CompletedProcess]:
     """The toy stage as two plain rank processes (as a scheduler starts them)."""
     (runs / "configs" / "tiny").mkdir(parents=True, exist_ok=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    env = two_rank_env()
     command = [sys.executable, str(TESTS / "toy_stage.py"), "--configs", str(runs / "configs")]
     command += ["--runs", str(runs), "--data", str(shards), "toy.source=cache"]
     command += ["train.max_steps=6", "ckpt.every_steps=0", *overrides]

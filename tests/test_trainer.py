@@ -22,7 +22,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
-from toy_stage import ToyConfig, ToyCrash, ToyNet, ToyStage, digest
+from toy_stage import ToyConfig, ToyCrash, ToyNet, ToyStage, digest, two_rank_env
 
 from stages.common.checkpoint import CheckpointManager, read_tree
 from stages.common.cli import build_parser, run_stage
@@ -730,17 +730,11 @@ def test_an_exception_on_rank0_inside_a_save_stops_every_rank_promptly(tmp_path)
     process group timed out (30 minutes); now every rank raises at the meeting point.
     The ranks are two plain processes, as a cluster scheduler (srun) starts them: no
     launcher kills the survivors when one rank dies."""
-    import socket
 
     (tmp_path / "configs" / "tiny").mkdir(parents=True)
     launcher = tmp_path / "launch.py"
     launcher.write_text(FAILING_RANK0)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    env = two_rank_env()
     command = [sys.executable, str(launcher), str(TESTS / "toy_stage.py")]
     command += ["--configs", str(tmp_path / "configs"), "--runs", str(tmp_path)]
     command += ["train.max_steps=2", "ckpt.every_steps=1"]

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,19 @@ class ToyNet(nn.Module):
     def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         h = self.inp(x) + self.embed(label)  # (B, width)
         return self.out(self.drop(torch.nn.functional.silu(self.hidden(self.norm(h)))))
+
+
+def two_rank_env() -> dict[str, str]:
+    """The environment of two plain rank processes on this machine (as a scheduler starts
+    them, each adding its RANK): a free loopback port, this checkout importable, one thread."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    return env
 
 
 def random_batch(seed: int, rank: int, index: int, batch_size: int) -> dict[str, torch.Tensor]:
