@@ -83,6 +83,20 @@ def test_judge_names_colour_and_shape_of_unseen_drawings():
     assert wrong["colour_rate"] < 0.5 and wrong["both_rate"] < 0.5
 
 
+def test_judge_rates_break_the_object_rate_down_per_object():
+    rng = random.Random(1)
+    cfg = ProbeConfig(attributes=("red", "blue"), objects=("circle", "square"))
+    refs = [Reference(p, a, o, p, _shape_image(a, o, rng)) for p, a, o in cfg.prompts()]
+    judge = ColourShapeJudge(refs)
+    # a "model" that draws a circle whatever it is asked: every circle right, no square
+    circles = torch.stack([_shape_image("red", "circle", rng) for _ in range(4)])
+    named = ["circle", "circle", "square", "square"]
+    rates = judge_rates(judge, circles, ["red"] * 4, named)
+    assert rates["object_rate_circle"] == 1.0 and rates["object_rate_square"] == 0.0
+    assert rates["judged_circle"] == 1.0 and rates["judged_square"] == 0.0
+    assert rates["object_rate"] == 0.5
+
+
 def test_find_references_takes_coloured_images_named_like_a_probe_prompt(tmp_path):
     data = make_shards(tmp_path, n_train=60, n_val=4, caption="{colour} {shape}, tag; emoji")
     refs = find_references(data / "train", ProbeConfig(), resolution=16)

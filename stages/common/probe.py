@@ -173,16 +173,25 @@ class ColourShapeJudge:
 def judge_rates(
     judge: ColourShapeJudge, images: torch.Tensor, attributes: list[str], objects: list[str]
 ) -> dict[str, float]:
-    """Shares of images showing the named colour, the named object, and both."""
+    """Shares of images showing the named colour, the named object, and both; then, per
+    object, ``object_rate_<o>`` (the share of the images naming it that show it) and
+    ``judged_<o>`` (the share of all images judged to show it). A model that draws one shape
+    for every prompt scores 1/len(objects) on ``object_rate``; the breakdown shows it."""
     colours, shapes = judge.colours(images), judge.objects_of(images)
     colour_ok = [c == a for c, a in zip(colours, attributes)]
     object_ok = [s == o for s, o in zip(shapes, objects)]
     n = max(len(colours), 1)
-    return {
+    rates = {
         "colour_rate": sum(colour_ok) / n,
         "object_rate": sum(object_ok) / n,
         "both_rate": sum(c and o for c, o in zip(colour_ok, object_ok)) / n,
     }
+    for name in sorted(set(objects) | set(judge.objects)):
+        named = [ok for ok, o in zip(object_ok, objects) if o == name]
+        if named:
+            rates[f"object_rate_{name}"] = sum(named) / len(named)
+        rates[f"judged_{name}"] = sum(s == name for s in shapes) / n
+    return rates
 
 
 def text_probe(embeddings: torch.Tensor, cfg: ProbeConfig) -> dict[str, float]:
