@@ -503,7 +503,7 @@ HOLD_LOCK = """
 import fcntl, os, sys, time
 os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
 fd = os.open(os.path.join(os.path.dirname(sys.argv[1]), ".toy.lock"), os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.write(fd, f"{os.getpid()}\\n".encode())
 print("locked", flush=True)
 time.sleep(600)

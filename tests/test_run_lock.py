@@ -1,0 +1,91 @@
+"""The run folder's lock: one process per run folder, held by that process alone (issue 27).
+
+No torch here: the holders are small subprocesses that import only ``stages.common.run``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.common.run import RunFolderBusy, RunLock
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+# A trainer reduced to what matters here: it takes the lock, then forks a child that lives
+# on (a DataLoader worker, num_workers > 0), and prints the child's PID.
+HOLD_AND_FORK = """
+import os, sys, time
+from stages.common.run import RunLock
+RunLock(sys.argv[1]).acquire()
+child = os.fork()
+if child == 0:
+    time.sleep(600)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_lock_dies_with_its_holder_not_with_its_forked_children(tmp_path):
+    """Issue 27, item 3: a flock is shared with forked children, so after a SIGKILL of the
+    trainer its live workers kept the run folder locked and a relaunch was refused naming
+    the dead trainer's PID."""
+    run_dir = tmp_path / "tiny" / "toy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_FORK, str(run_dir)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = None
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(RunFolderBusy, match=rf"\(PID {holder.pid}\)"):
+            RunLock(run_dir).acquire()  # the live holder, named
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        assert alive(child)  # its forked child lives on ...
+        lock = RunLock(run_dir).acquire()  # ... and holds nothing: the relaunch gets in
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()
+        if child is not None and alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_second_lock_in_the_same_process_is_refused_and_the_first_stays_held(tmp_path):
+    run_dir = tmp_path / "tiny" / "toy"
+    first = RunLock(run_dir).acquire()
+    try:
+        with pytest.raises(RunFolderBusy, match="this process"):
+            RunLock(run_dir).acquire()
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from stages.common.run import RunLock; RunLock(sys.argv[1]).acquire()",
+                str(run_dir),
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
+        assert probe.returncode != 0 and f"PID {os.getpid()}" in probe.stderr
+    finally:
+        first.release()
+    RunLock(run_dir).acquire().release()  # free again once released
