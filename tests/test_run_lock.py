@@ -4,14 +4,20 @@ No torch here: the holders are small subprocesses that import only ``stages.comm
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from stages.common import run as run_mod
+from stages.common.lease import _machine
 from stages.common.run import RunFolderBusy, RunLock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,3 +95,38 @@ def test_a_second_lock_in_the_same_process_is_refused_and_the_first_stays_held(t
     finally:
         first.release()
     RunLock(run_dir).acquire().release()  # free again once released
+
+
+def a_dead_pid() -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    return int(done.stdout)
+
+
+def test_where_locks_fail_the_run_folder_is_held_by_a_lease_file(tmp_path, monkeypatch, caplog):
+    """Issue 27, item 2: flock failing with ENOLCK (NFS without its lock daemon) or ENOTSUP
+    (some FUSE mounts) raised an uncaught OSError: no stage could start on such a folder."""
+
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_mod.fcntl, "lockf", no_locks)
+    run_dir = tmp_path / "tiny" / "toy"
+    lease_file = tmp_path / "tiny" / ".toy.lease"
+    with caplog.at_level(logging.WARNING, logger="stages.common.run"):
+        first = RunLock(run_dir).acquire()
+    assert "refuses locks" in caplog.text and str(lease_file) in caplog.text
+    try:
+        assert json.loads(lease_file.read_text())["pid"] == os.getpid()
+        with pytest.raises(RunFolderBusy, match=rf"in use by another process \(PID {os.getpid()} "):
+            RunLock(run_dir).acquire()  # a live holder refuses a second one
+    finally:
+        first.release()
+    assert not lease_file.exists()  # released at exit
+    # A lease left by a process of this machine that is gone (kill -9) is taken over at once.
+    record = {"token": "x", "host": "here", "machine": _machine(), "pid": a_dead_pid()}
+    lease_file.write_text(json.dumps(record | {"renewed": time.time(), "timeout_s": 600}))
+    with caplog.at_level(logging.WARNING):
+        RunLock(run_dir).acquire().release()
+    assert "is gone" in caplog.text

@@ -3,7 +3,9 @@
 - ``RunLock``: one process (one launch) per run folder. An exclusive POSIX record lock
   (``lockf``) on the sibling file ``.<stage>.lock`` (outside the folder, so it survives the
   folder being moved aside); a second process is refused at once, naming the live holder's
-  PID. It dies with the process that took it: forked children never hold it.
+  PID. It dies with the process that took it: forked children never hold it. Where the
+  file system refuses locks (ENOLCK, ENOTSUP) it warns and holds a lease file instead
+  (``lease.py``: a heartbeat, taken over once stale or once its holder on this machine died).
 - ``claim_upstream``: ``upstream.json`` records the upstream export hashes the run trains
   on. A run folder recorded against other exports is stale: it is renamed to
   ``<stage>.stale-<time>/`` (kept, never deleted) and the stage starts a fresh run, so
@@ -33,11 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_json_atomic
+from .lease import Lease, LeaseHeld
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_FILE = "upstream.json"
 IDENTITY_FILE = "run.json"
+LEASE_TIMEOUT_S = 120.0  # the lock's stand-in where locks fail: stale after this long unrenewed
 _ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a plain folder name inside the mirror
 
 
@@ -80,6 +84,7 @@ class RunLock:
         self.path = Path(run_dir).with_name(f".{Path(run_dir).name}.lock")
         self._fd: int | None = None
         self._key: tuple[int, int] | None = None
+        self._lease: Lease | None = None  # where the file system refuses locks
 
     def _busy(self, holder: str) -> RunFolderBusy:
         return RunFolderBusy(
@@ -103,12 +108,13 @@ class RunLock:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    return self._lease_instead(err)
                 holder = _lock_holder(fd)
                 if holder is None:
                     holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
                 raise self._busy(str(holder)) from None
             _HELD[key] = self.path
         os.ftruncate(fd, 0)
@@ -116,7 +122,37 @@ class RunLock:
         self._fd, self._key = fd, key
         return self
 
+    def _lease_instead(self, err: OSError) -> RunLock:
+        """The file system refuses locks (ENOLCK on NFS without its lock daemon, ENOTSUP on
+        some FUSE mounts): hold the lease file ``.<stage>.lease`` instead, with a warning."""
+        lease = Lease(
+            self.path.with_name(self.path.name[:-5] + ".lease"),
+            timeout_s=LEASE_TIMEOUT_S,
+            what=str(self.path.with_name(self.path.name[1:-5])),
+            hint="wait for it to finish or stop it; a lease left by a process that died on "
+            "another machine is taken over once it is stale",
+        )
+        try:
+            lease.acquire()
+        except LeaseHeld as held:
+            raise RunFolderBusy(str(held)) from None
+        log.warning(
+            "%s: this file system refuses locks (%s); holding the lease file %s instead "
+            "(renewed every %.0f s, taken over %.0f s after its holder stops renewing it)",
+            self.path,
+            os.strerror(err.errno) if err.errno else err,
+            lease.path,
+            LEASE_TIMEOUT_S / 4,
+            LEASE_TIMEOUT_S,
+        )
+        lease.start_heartbeat()
+        self._lease = lease
+        return self
+
     def release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
         if self._fd is not None:
             with _HELD_GUARD:
                 os.close(self._fd)  # closing the descriptor releases the record lock
