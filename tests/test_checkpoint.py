@@ -126,6 +126,35 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_never_counted_by_rotation(
     assert "set the unusable checkpoint aside" in caplog.text
 
 
+def test_a_corrupt_checkpoint_that_cannot_be_set_aside_never_costs_the_fresh_save(
+    tmp_path, monkeypatch, caplog
+):
+    """Issue 27, item 7: when the corrupt newest checkpoint could not be renamed aside (a
+    read-only folder, permissions), rotation still counted it as the newest and, with
+    keep_last=1, deleted the fresh save right after its commit."""
+    save(CheckpointManager(tmp_path / "ck", keep_last=3), 2)
+    newest = save(CheckpointManager(tmp_path / "ck", keep_last=3), 4, best_step=4)
+    weights = newest / "model.net.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    real_replace = ckpt_mod.os.replace
+
+    def no_set_aside(src, dst):  # the folder refuses that rename (root ignores chmod)
+        if ".corrupt" in str(dst):
+            raise PermissionError(13, "Permission denied", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", no_set_aside)
+    manager = CheckpointManager(tmp_path / "ck", keep_last=1)
+    with caplog.at_level(logging.WARNING):
+        assert manager.latest().manifest["step"] == 2
+    assert "could not set" in caplog.text
+    save(manager, 3)  # the fresh save survives its own rotation ...
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000003", "step_0000004"]
+    save(manager, 5)  # ... and the next one rotates it, leaving the corrupt one for a look
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000004", "step_0000005"]
+    assert verify(tmp_path / "ck" / "step_0000005").manifest["step"] == 5
+
+
 def test_no_checkpoint_is_set_aside_when_none_is_usable(tmp_path):
     manager = CheckpointManager(tmp_path / "ck")
     path = save(manager, 2)

@@ -15,7 +15,9 @@ check every sha256, rename) with the same rotation, on a background thread: trai
 on while it copies; the next save and the end of the run (``wait``) wait for it. ``latest()`` returns the newest valid
 checkpoint of the local folder and the mirror; an unusable newer one (manifest missing,
 sha256 mismatch, unreadable safetensors) is skipped with a warning and renamed
-``step_XXXXXXX.corrupt``, so that rotation never counts it among the newest.
+``step_XXXXXXX.corrupt``, so that rotation never counts it among the newest; one that cannot
+be renamed (a read-only folder) is left in place and rotation skips it, and the save just
+committed is never rotated away.
 """
 
 from __future__ import annotations
@@ -224,20 +226,27 @@ def keep_set(manifests: Mapping[str, Mapping[str, Any]], keep_last: int) -> set[
     return keep
 
 
-def _rotate(root: Path, keep_last: int) -> None:
-    """Delete committed checkpoints outside ``keep_set`` and stale temporary folders."""
+def _rotate(root: Path, keep_last: int, fresh: str, unusable: Iterable[Path] = ()) -> None:
+    """Delete committed checkpoints outside ``keep_set`` and stale temporary folders.
+
+    ``fresh`` (the save just committed) is always kept, and the ``unusable`` ones (failed
+    verification, could not be set aside) are neither counted nor deleted: a corrupt newer
+    one left in place by a read-only folder must not push the fresh save out."""
+    skip = {Path(p).name for p in unusable if Path(p).parent == root}
     manifests: dict[str, dict[str, Any]] = {}
     for path in root.iterdir():
         if path.name.endswith(".tmp") or (
             path.name.endswith(".replaced") and (root / path.name[1:-9]).exists()
         ):
             shutil.rmtree(path, ignore_errors=True)  # leftovers of an interrupted save
+        elif path.name in skip:
+            continue
         elif path.is_dir() and re.fullmatch(r"step_\d{7,}", path.name):  # not *.corrupt
             try:
                 manifests[path.name] = read_manifest(path)
             except CheckpointError:
                 continue  # not ours to judge here; never deleted, never loaded
-    keep = keep_set(manifests, keep_last)
+    keep = keep_set(manifests, keep_last) | {fresh}
     for name in sorted(set(manifests) - keep):
         shutil.rmtree(root / name, ignore_errors=True)
 
@@ -282,6 +291,9 @@ class CheckpointManager:
         # The mirror copy of the newest checkpoint runs on this thread, off the training
         # loop (a Drive copy of a large checkpoint takes minutes); ``wait`` joins it.
         self._copy: threading.Thread | None = None
+        # Checkpoints ``latest`` found unusable and could not set aside (a read-only folder):
+        # rotation neither counts nor deletes them.
+        self._unusable: set[Path] = set()
 
     def wait(self) -> None:
         """Block until the mirror copy in flight (if any) has finished."""
@@ -364,7 +376,7 @@ class CheckpointManager:
             os.fsync(f.fileno())
         fsync_path(tmp)
         _commit(tmp, final)
-        _rotate(self.root, self.keep_last)
+        _rotate(self.root, self.keep_last, final.name, self._unusable)
         if self.mirror is not None:
             self._copy = threading.Thread(
                 target=self._copy_to_mirror, args=(final, manifest), name="mirror-copy"
@@ -389,7 +401,7 @@ class CheckpointManager:
             fsync_path(tmp / MANIFEST)
             fsync_path(tmp)
             _commit(tmp, dst)
-            _rotate(self.mirror, self.keep_last)
+            _rotate(self.mirror, self.keep_last, dst.name, self._unusable)
         except (OSError, CheckpointError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
             log.warning("could not mirror %s to %s: %s", src.name, self.mirror, err)
@@ -426,7 +438,8 @@ class CheckpointManager:
             if problems:
                 log.warning("resuming from the previous valid checkpoint %s", path)
             for bad in unusable:  # only beside a valid one: else a re-run would start over
-                set_aside(bad)
+                if set_aside(bad) is None:
+                    self._unusable.add(bad)
             return checkpoint
         if problems:
             raise CheckpointError(
