@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -21,6 +23,7 @@ from stages.common.checkpoint import (
     split_tree,
     verify,
 )
+from stages.common.files import DiskFull
 
 
 def tree_equal(a, b) -> bool:
@@ -235,6 +238,71 @@ def test_failed_save_midway_leaves_previous_checkpoints_valid(tmp_path, monkeypa
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000006"]
 
 
+REAL_FSYNC = os.fsync
+
+
+class FullAfter:
+    """``os.fsync`` that counts its calls and fails with ENOSPC (or EDQUOT) from call ``n``
+    on: every file a save writes is fsynced, so this fails each write in turn."""
+
+    def __init__(self, n: int, code: int = errno.ENOSPC):
+        self.n, self.code, self.calls = n, code, 0
+
+    def __call__(self, fd):
+        self.calls += 1
+        if self.calls >= self.n:
+            raise OSError(self.code, os.strerror(self.code))
+        return REAL_FSYNC(fd)
+
+
+def test_a_full_disk_at_any_write_of_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Issue 27, item 4: ENOSPC/EDQUOT while writing a checkpoint left the partial folder
+    behind and surfaced as a bare OSError. Now the partial folder is removed, the previous
+    checkpoint stays valid and the error says "disk full" and how much was needed."""
+    counting = FullAfter(10**9)
+    monkeypatch.setattr(os, "fsync", counting)
+    save(CheckpointManager(tmp_path / "count"), 2)
+    writes = counting.calls
+    assert writes >= 5  # trees, manifest, folders
+    for n in range(1, writes + 1):
+        root = tmp_path / f"ck{n}"
+        monkeypatch.setattr(os, "fsync", FullAfter(10**9))
+        manager = CheckpointManager(root, keep_last=1)
+        save(manager, 2)
+        monkeypatch.setattr(os, "fsync", FullAfter(n, errno.EDQUOT if n % 2 else errno.ENOSPC))
+        with pytest.raises(DiskFull, match=r"disk full .* step 4 .* needs about [\d.]+ KiB"):
+            save(manager, 4)
+        monkeypatch.setattr(os, "fsync", FullAfter(10**9))
+        left = sorted(p.name for p in root.iterdir())
+        assert not [name for name in left if name.endswith(".tmp")], (n, left)
+        assert "step_0000002" in left, (n, left)  # never rotated away by a failed save
+        for name in left:  # whatever is there is whole (a failure after the rename: step 4)
+            assert verify(root / name).manifest["step"] in (2, 4)
+        assert manager.latest().manifest["step"] in (2, 4)
+
+
+def test_a_full_mirror_is_retried_then_reported_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    """Issue 27, item 4: the mirror copy failing for a full Drive is tried again, then
+    reported as disk full; the local checkpoint is committed and the save returns."""
+    real_copy, tries = shutil.copyfile, []
+
+    def full_drive(src, dst, **kwargs):
+        if "drive" in str(dst):
+            tries.append(dst)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "copyfile", full_drive)
+    manager = CheckpointManager(tmp_path / "ck", mirror=tmp_path / "drive", mirror_retry_s=0)
+    with caplog.at_level(logging.WARNING, logger="stages.common.checkpoint"):
+        path = save(manager, 2)
+    assert verify(path).manifest["step"] == 2
+    assert len(tries) == ckpt_mod.MIRROR_TRIES
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "disk full" in errors[0] and "needs about" in errors[0]
+    assert not list((tmp_path / "drive").iterdir())  # no partial copy left
+
+
 def test_saving_the_same_step_again_replaces_it(tmp_path):
     manager = CheckpointManager(tmp_path / "ck", keep_last=2)
     save(manager, 2)
@@ -321,6 +389,6 @@ def test_newest_of_local_and_mirror_wins_and_a_broken_mirror_only_warns(tmp_path
     blocked = tmp_path / "not_a_dir"
     blocked.write_text("a file where the mirror folder should be")
     with caplog.at_level(logging.WARNING):
-        path = save(CheckpointManager(tmp_path / "ck", mirror=blocked / "ck"), 7)
+        path = save(CheckpointManager(tmp_path / "ck", mirror=blocked / "ck", mirror_retry_s=0), 7)
     assert verify(path).manifest["step"] == 7
     assert "could not mirror step_0000007" in caplog.text

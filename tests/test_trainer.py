@@ -7,6 +7,7 @@ newest checkpoint, the mirror, non-finite steps, config changes, a finished run 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from stages.common.config import ConfigError, load_config
 from stages.common.exits import (
     EXIT_CANNOT_RESUME,
     EXIT_CODES,
+    EXIT_DISK_FULL,
     EXIT_ERROR,
     EXIT_NONFINITE,
     EXIT_OK,
@@ -496,6 +498,46 @@ def test_exit_codes_are_defined_once_and_the_help_and_readme_state_them_alike():
     table = table[: table.index("\n\n", table.index("| code |"))]
     rows = re.findall(r"^\| (\d+) \| (.+) \|$", table, flags=re.MULTILINE)
     assert {int(code): meaning for code, meaning in rows} == EXIT_CODES
+
+
+def test_a_full_disk_stops_the_run_with_its_exit_code_and_loses_nothing(
+    tmp_path, reference, monkeypatch, caplog
+):
+    """Issue 27, item 4: ENOSPC while writing a checkpoint or the export stops the run with
+    exit 5 and a message that says "disk full" and how much was needed; the partial folder
+    is gone, the previous checkpoint stays, and a re-run with space resumes bitwise equal."""
+    import toy_stage
+
+    import stages.common.checkpoint as checkpoint_module
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_write = checkpoint_module.write_tree
+
+    def full_at_step_8(folder, stem, tree):
+        if "step_0000008" in folder.name and stem == "optimizer":
+            no_space()
+        real_write(folder, stem, tree)
+
+    run_dir = tmp_path / "tiny" / "toy"
+    with monkeypatch.context() as patch, caplog.at_level(logging.ERROR):
+        patch.setattr(checkpoint_module, "write_tree", full_at_step_8)
+        code, _ = run(tmp_path)
+    assert code == EXIT_DISK_FULL
+    assert re.search(
+        r"disk full while writing the checkpoint of step 8 .* needs about", caplog.text
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000004"]
+    caplog.clear()
+    with monkeypatch.context() as patch, caplog.at_level(logging.ERROR):
+        patch.setattr(toy_stage, "save_file", no_space)
+        code, _ = run(tmp_path)  # resumes at 4, saves 8, then the export finds the disk full
+    assert code == EXIT_DISK_FULL and "disk full while writing the toy export" in caplog.text
+    assert not (run_dir / "export").exists() and not (run_dir / ".export.tmp").exists()
+    code, _ = run(tmp_path)  # space again: only the export was left to do
+    assert code == EXIT_OK and (run_dir / "export" / "manifest.json").exists()
+    assert_bitwise_equal(final_state(tmp_path), reference["state"])
 
 
 # The first process, reduced to what it does to the run folder: the lock beside it.

@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
-from .files import UnsafeFile, check_member, fsync_path, read_member, sha256_file
+from .files import UnsafeFile, check_member, disk_full, fsync_path, read_member, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ FORMAT = "minisd-checkpoint/1"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^(?:\.)?step_(\d{7,})(?:\.replaced)?$")
 _STEM = re.compile(r"^[A-Za-z0-9_.-]+$")
+MIRROR_TRIES = 3  # a failing mirror copy is tried this often, then reported (never fatal)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,17 @@ def join_tree(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
             return {join_tree(k, tensors): join_tree(v, tensors) for k, v in skeleton["__dict__"]}
         return {k: join_tree(v, tensors) for k, v in skeleton.items()}
     return skeleton
+
+
+def tree_bytes(tree: Any) -> int:
+    """About how many bytes ``tree`` takes on disk: its tensors (the JSON is small)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, Mapping):
+        return sum(tree_bytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(tree_bytes(v) for v in tree)
+    return 64
 
 
 def write_tree(folder: Path, stem: str, tree: Any) -> None:
@@ -270,6 +282,13 @@ def set_aside(path: Path) -> Path | None:
     return target
 
 
+def _folder_bytes(folder: Path) -> int:
+    try:
+        return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return 0
+
+
 def _candidates(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
@@ -284,10 +303,17 @@ class CheckpointManager:
     The checkpoint folder must be on a filesystem every rank sees.
     """
 
-    def __init__(self, root: Path, keep_last: int = 2, mirror: Path | None = None):
+    def __init__(
+        self,
+        root: Path,
+        keep_last: int = 2,
+        mirror: Path | None = None,
+        mirror_retry_s: float = 5.0,
+    ):
         self.root = Path(root)
         self.keep_last = keep_last
         self.mirror = Path(mirror) if mirror else None
+        self.retry_s = mirror_retry_s  # the pause before a failed copy's next try (x attempt)
         # The mirror copy of the newest checkpoint runs on this thread, off the training
         # loop (a Drive copy of a large checkpoint takes minutes); ``wait`` joins it.
         self._copy: threading.Thread | None = None
@@ -333,24 +359,34 @@ class CheckpointManager:
         tmp = self.root / f".{final.name}.tmp"
         error: BaseException | None = None
         try:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-        except Exception as err:  # every rank learns of it at the meeting point
-            error = err
-        meet(error)
-        try:
-            for stem, tree in per_rank.items():
-                write_tree(tmp, stem, tree)
-        except Exception as err:
-            error = err
-        meet(error)
-        try:
-            if rank == 0:
-                self._commit_shared(step, tmp, final, shared, info)
-        except Exception as err:
-            error = err
-        meet(error)
+            try:
+                if rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+            except Exception as err:  # every rank learns of it at the meeting point
+                error = err
+            meet(error)
+            try:
+                for stem, tree in per_rank.items():
+                    write_tree(tmp, stem, tree)
+            except Exception as err:
+                error = err
+            meet(error)
+            try:
+                if rank == 0:
+                    self._commit_shared(step, tmp, final, shared, info)
+            except Exception as err:
+                error = err
+            meet(error)
+        except OSError as err:
+            # A full disk or quota: the partial folder goes (freeing what it took), the
+            # previous checkpoints were not touched (rotation runs only after a commit).
+            shutil.rmtree(tmp, ignore_errors=True)
+            needed = tree_bytes(shared) + tree_bytes(per_rank)
+            full = disk_full(err, f"the checkpoint of step {step}", self.root, needed)
+            if full is None:
+                raise
+            raise full from err
         return final
 
     def _commit_shared(
@@ -384,7 +420,37 @@ class CheckpointManager:
             self._copy.start()
 
     def _copy_to_mirror(self, src: Path, manifest: Mapping[str, Any]) -> None:
-        """Copy, re-read and verify, rename; a failing mirror warns and never stops training."""
+        """``_copy_once``, tried ``MIRROR_TRIES`` times; a failing mirror is reported (an
+        error in the log) and never stops training: the local checkpoint is committed."""
+        assert self.mirror is not None
+        for attempt in range(1, MIRROR_TRIES + 1):
+            try:
+                self._copy_once(src, manifest)
+                return
+            except (OSError, CheckpointError) as err:
+                if attempt < MIRROR_TRIES:
+                    log.warning(
+                        "could not mirror %s to %s (%s): trying again in %.0f s",
+                        src.name,
+                        self.mirror,
+                        err,
+                        self.retry_s * attempt,
+                    )
+                    time.sleep(self.retry_s * attempt)
+                    continue
+                needed = _folder_bytes(src)
+                err = disk_full(err, f"the mirror copy of {src.name}", self.mirror, needed) or err
+                log.error(
+                    "could not mirror %s to %s after %d tries: %s; training goes on, the "
+                    "local checkpoint is kept",
+                    src.name,
+                    self.mirror,
+                    MIRROR_TRIES,
+                    err,
+                )
+
+    def _copy_once(self, src: Path, manifest: Mapping[str, Any]) -> None:
+        """Copy, re-read and verify, rename; a partial copy is removed."""
         assert self.mirror is not None
         dst = self.mirror / src.name
         tmp = self.mirror / f".{src.name}.tmp"
@@ -402,9 +468,9 @@ class CheckpointManager:
             fsync_path(tmp)
             _commit(tmp, dst)
             _rotate(self.mirror, self.keep_last, dst.name, self._unusable)
-        except (OSError, CheckpointError) as err:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            log.warning("could not mirror %s to %s: %s", src.name, self.mirror, err)
+            raise
 
     def roots(self) -> Iterable[Path]:
         yield self.root

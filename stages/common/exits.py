@@ -20,6 +20,7 @@ EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_CANNOT_RESUME = 3
 EXIT_NONFINITE = 4
+EXIT_DISK_FULL = 5
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again
 EXIT_ABORTED = 130
 
@@ -34,6 +35,9 @@ EXIT_CODES: dict[int, str] = {
     EXIT_NONFINITE: "stopped after train.max_consecutive_skips non-finite steps in a row, or "
     "the weights became non-finite (never saved nor exported: the last checkpoint stays the "
     "newest); lower optim.lr or fix the data and re-run",
+    EXIT_DISK_FULL: "disk full (or quota exceeded) while writing a checkpoint or the export: "
+    "the message says how much was needed and is free; the partial folder was removed and the "
+    "previous checkpoint is kept; free some space and re-run to resume",
     EXIT_PREEMPTED: "preempted (SIGTERM/SIGINT/SIGHUP): a checkpoint was saved at the step "
     "boundary; re-run the same command to resume",
     EXIT_ABORTED: "a second Ctrl-C: stopped at once, without saving",

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,12 +49,13 @@ from .ema import EMA
 from .exits import (
     EXIT_ABORTED,
     EXIT_CANNOT_RESUME,
+    EXIT_DISK_FULL,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
     Preemption,
 )
-from .files import write_json_atomic
+from .files import DiskFull, disk_full, write_json_atomic
 from .finetune import INIT_FILE, freeze, load_init
 from .log import MetricsLog, available_trackers, flat_config, progress_bar
 from .optim import apply_hyperparameters, lr_at, make_optimizer, set_lr
@@ -535,8 +537,23 @@ class Trainer:
     def export(self) -> None:
         self._check_finite("export")
         if self.is_main:
-            with torch.no_grad(), _eval(self.raw):
-                self.stage.export(self._eval_modules(), self.run_dir / "export")
+            folder = self.run_dir / "export"
+            try:
+                with torch.no_grad(), _eval(self.raw):
+                    self.stage.export(self._eval_modules(), folder)
+            except OSError as err:
+                # Stages build the export aside (``.export.tmp``): a full disk leaves no part
+                # of it, and the previous export, if any, in place.
+                shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
+                needed = sum(
+                    t.numel() * t.element_size()
+                    for m in self._eval_modules().values()
+                    for t in m.state_dict().values()
+                )
+                full = disk_full(err, f"the {self.stage.name} export", folder, needed)
+                if full is None:
+                    raise
+                raise full from err
             write_json_atomic(self.run_dir / "exported.json", {"step": self.step})
             log.info("exported to %s", self.run_dir / "export")
         self.accelerator.wait_for_everyone()
@@ -566,6 +583,13 @@ def train(stage: Stage, ctx: RunContext) -> int:
         except NonFiniteWeights as err:
             log.error("stopping: %s", err)
             return EXIT_NONFINITE
+        except DiskFull as err:
+            log.error(
+                "stopping: %s. The partial folder was removed and the previous checkpoint is "
+                "kept: free some space (or lower ckpt.keep_last) and re-run to resume",
+                err,
+            )
+            return EXIT_DISK_FULL
         except KeyboardInterrupt as err:
             log.error("interrupted: %s", err or "stopped without saving")
             return EXIT_ABORTED
