@@ -303,6 +303,43 @@ def test_a_full_mirror_is_retried_then_reported_and_training_goes_on(tmp_path, m
     assert not list((tmp_path / "drive").iterdir())  # no partial copy left
 
 
+def test_a_stalled_mirror_never_holds_training_and_the_local_save_commits(
+    tmp_path, monkeypatch, caplog
+):
+    """Issue 27, item 5: a Drive copy blocked in a stalled FUSE mount made the next save
+    (and the end of the run) wait for ever. Now the wait is bounded, reported, and the
+    mirror is skipped until the blocked copy returns."""
+    real_copy, stall = shutil.copyfile, threading.Event()
+
+    def stalled_drive(src, dst, **kwargs):
+        if "drive" in str(dst):
+            stall.wait(30)
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "copyfile", stalled_drive)
+    mirror = tmp_path / "drive"
+    manager = CheckpointManager(tmp_path / "ck", keep_last=3, mirror=mirror, mirror_timeout_s=0.3)
+    try:
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="stages.common.checkpoint"):
+            save(manager, 2)  # its copy blocks; the wait gives up
+            assert manager.wait() is True  # nothing in flight any more
+            save(manager, 3)  # committed locally; the mirror is skipped while it is stalled
+        assert time.monotonic() - start < 10
+        assert "has not finished after 0 s" in caplog.text
+        assert "step_0000003 not mirrored" in caplog.text
+        for step in (2, 3):
+            assert verify(tmp_path / "ck" / f"step_{step:07d}").manifest["step"] == step
+    finally:
+        stall.set()  # the mount comes back: the blocked copy finishes ...
+    deadline = time.monotonic() + 10
+    while not (mirror / "step_0000002").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert verify(mirror / "step_0000002").manifest["step"] == 2
+    save(manager, 4)  # ... and mirroring goes on
+    assert verify(mirror / "step_0000004").manifest["step"] == 4
+
+
 def test_saving_the_same_step_again_replaces_it(tmp_path):
     manager = CheckpointManager(tmp_path / "ck", keep_last=2)
     save(manager, 2)

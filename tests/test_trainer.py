@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -538,6 +539,32 @@ def test_a_full_disk_stops_the_run_with_its_exit_code_and_loses_nothing(
     code, _ = run(tmp_path)  # space again: only the export was left to do
     assert code == EXIT_OK and (run_dir / "export" / "manifest.json").exists()
     assert_bitwise_equal(final_state(tmp_path), reference["state"])
+
+
+def test_a_stalled_mirror_does_not_hold_the_run_or_its_final_save(tmp_path, monkeypatch, caplog):
+    """Issue 27, item 5: every copy to the mirror blocks (a stalled Drive); the run still
+    ends, on time, with its final checkpoint committed locally and the stall reported."""
+    import stages.common.checkpoint as checkpoint_module
+
+    real_copy, stall = shutil.copyfile, threading.Event()
+
+    def stalled_drive(src, dst, **kwargs):
+        if "drive" in str(dst):
+            stall.wait(60)
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.shutil, "copyfile", stalled_drive)
+    mirror = tmp_path / "drive"
+    try:
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            code, _ = run(tmp_path, f"ckpt.mirror='{mirror}'", "ckpt.mirror_timeout_minutes=0.005")
+        assert code == EXIT_OK and time.monotonic() - start < 30
+    finally:
+        stall.set()
+    assert "has not finished" in caplog.text
+    assert sorted(checkpoints(tmp_path)) == [4, 8]
+    assert (tmp_path / "tiny" / "toy" / "export").exists()
 
 
 # The first process, reduced to what it does to the run folder: the lock beside it.

@@ -12,8 +12,10 @@ Only after a commit are old checkpoints deleted: the last ``keep_last``, the bes
 stage's validation metric and the final one are kept. An optional mirror folder (a mounted
 Drive) receives a verified copy of each commit (copy to a temporary folder, re-read and
 check every sha256, rename) with the same rotation, on a background thread: training goes
-on while it copies; the next save and the end of the run (``wait``) wait for it. ``latest()`` returns the newest valid
-checkpoint of the local folder and the mirror; an unusable newer one (manifest missing,
+on while it copies; the next save and the end of the run (``wait``) wait for it, at most
+``mirror_timeout_minutes`` (a stalled mount is reported and skipped, never waited on for
+ever). A failing copy is tried ``MIRROR_TRIES`` times, then reported. ``latest()``
+returns the newest valid checkpoint of the local folder and the mirror; an unusable newer one (manifest missing,
 sha256 mismatch, unreadable safetensors) is skipped with a warning and renamed
 ``step_XXXXXXX.corrupt``, so that rotation never counts it among the newest; one that cannot
 be renamed (a read-only folder) is left in place and rotation skips it, and the save just
@@ -55,6 +57,10 @@ class CheckpointConfig:
     every_minutes: float = 10.0  # wall-clock saves (a Colab runtime dies without a signal); 0 off
     keep_last: int = 2  # plus the best by validation metric and the final one (at least 1)
     mirror: str = ""  # e.g. a mounted Drive: <mirror>/<preset>/<stage>/<run id>/ gets copies
+    # How long the next save (and the end of the run) waits for a mirror copy in flight: a
+    # stalled Drive (FUSE) must not hold training for ever. Past it the run goes on, the
+    # copy is reported and the mirror skipped until it returns.
+    mirror_timeout_minutes: float = 10.0
 
 
 class CheckpointError(RuntimeError):
@@ -309,6 +315,7 @@ class CheckpointManager:
         keep_last: int = 2,
         mirror: Path | None = None,
         mirror_retry_s: float = 5.0,
+        mirror_timeout_s: float = 600.0,
     ):
         self.root = Path(root)
         self.keep_last = keep_last
@@ -317,15 +324,31 @@ class CheckpointManager:
         # The mirror copy of the newest checkpoint runs on this thread, off the training
         # loop (a Drive copy of a large checkpoint takes minutes); ``wait`` joins it.
         self._copy: threading.Thread | None = None
+        self.mirror_timeout_s = mirror_timeout_s
+        self._stalled: threading.Thread | None = None  # a copy given up on, maybe still blocked
         # Checkpoints ``latest`` found unusable and could not set aside (a read-only folder):
         # rotation neither counts nor deletes them.
         self._unusable: set[Path] = set()
 
-    def wait(self) -> None:
-        """Block until the mirror copy in flight (if any) has finished."""
-        if self._copy is not None:
-            self._copy.join()
-            self._copy = None
+    def wait(self) -> bool:
+        """Wait for the mirror copy in flight (if any), at most ``mirror_timeout_s``; False
+        when it did not finish (a stalled mirror: it is reported and left behind, on a
+        daemon thread that cannot hold the process's exit)."""
+        if self._copy is None:
+            return True
+        copy, self._copy = self._copy, None
+        copy.join(self.mirror_timeout_s)
+        if not copy.is_alive():
+            return True
+        self._stalled = copy
+        log.error(
+            "the mirror copy to %s has not finished after %.0f s (a stalled mount?): going on "
+            "without it; the local checkpoint is committed, and the mirror is skipped until "
+            "that copy returns",
+            self.mirror,
+            self.mirror_timeout_s,
+        )
+        return False
 
     def save(
         self,
@@ -413,9 +436,15 @@ class CheckpointManager:
         fsync_path(tmp)
         _commit(tmp, final)
         _rotate(self.root, self.keep_last, final.name, self._unusable)
-        if self.mirror is not None:
+        if self.mirror is not None and self._stalled is not None and self._stalled.is_alive():
+            log.warning("%s not mirrored: the mirror %s is still stalled", final.name, self.mirror)
+        elif self.mirror is not None:
+            self._stalled = None
             self._copy = threading.Thread(
-                target=self._copy_to_mirror, args=(final, manifest), name="mirror-copy"
+                target=self._copy_to_mirror,
+                args=(final, manifest),
+                name="mirror-copy",
+                daemon=True,  # a copy blocked in a stalled mount must not hold the exit
             )
             self._copy.start()
 

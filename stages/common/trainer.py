@@ -193,7 +193,10 @@ class Trainer:
         if self.is_main:  # only the main rank finds, commits and mirrors checkpoints
             mirror = self._mirror_folder(ctx)
         self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints", keep_last=cfg.ckpt.keep_last, mirror=mirror
+            self.run_dir / "checkpoints",
+            keep_last=cfg.ckpt.keep_last,
+            mirror=mirror,
+            mirror_timeout_s=60 * cfg.ckpt.mirror_timeout_minutes,
         )
 
     def _mirror_folder(self, ctx: RunContext) -> Path | None:
