@@ -340,6 +340,24 @@ def test_a_stalled_mirror_never_holds_training_and_the_local_save_commits(
     assert verify(mirror / "step_0000004").manifest["step"] == 4
 
 
+def test_a_runtime_that_lost_the_mirrors_lease_stops_copying_to_it(tmp_path, caplog):
+    """Issue 27, item 1: the lease is renewed before each copy; once another runtime has
+    taken it over (this one was judged gone), this one's copies stop, its training not."""
+    from stages.common.lease import Lease
+
+    mirror = tmp_path / "drive" / "run" / "checkpoints"
+    lease = Lease(tmp_path / "drive" / "run" / "lease.json", 60, "the mirrored run", "stop one")
+    manager = CheckpointManager(tmp_path / "ck", mirror=mirror, lease=lease.acquire())
+    save(manager, 2)
+    assert verify(mirror / "step_0000002").manifest["step"] == 2
+    other = {"token": "b", "host": "colab-b", "machine": "colab-b/1", "pid": 7, "timeout_s": 60}
+    lease.path.write_text(json.dumps(other | {"renewed": time.time()}))  # took it over
+    with caplog.at_level(logging.ERROR):
+        path = save(manager, 3)
+    assert verify(path).manifest["step"] == 3 and not (mirror / "step_0000003").exists()
+    assert "another runtime took over" in caplog.text
+
+
 def test_saving_the_same_step_again_replaces_it(tmp_path):
     manager = CheckpointManager(tmp_path / "ck", keep_last=2)
     save(manager, 2)

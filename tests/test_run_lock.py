@@ -1,6 +1,7 @@
-"""The run folder's lock: one process per run folder, held by that process alone (issue 27).
+"""The run folder's lock and the leases (issue 27): one process per run folder, held by that
+process alone; a lease file where locks do not reach (a shared Drive, NFS without lockd).
 
-No torch here: the holders are small subprocesses that import only ``stages.common.run``."""
+No torch here: the holders are small subprocesses that import only ``stages.common``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from stages.common import run as run_mod
-from stages.common.lease import _machine
+from stages.common.lease import Lease, LeaseHeld, _machine
 from stages.common.run import RunFolderBusy, RunLock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,3 +131,33 @@ def test_where_locks_fail_the_run_folder_is_held_by_a_lease_file(tmp_path, monke
     with caplog.at_level(logging.WARNING):
         RunLock(run_dir).acquire().release()
     assert "is gone" in caplog.text
+
+
+def test_a_live_lease_of_another_machine_refuses_and_a_stale_one_is_taken_over(tmp_path, caplog):
+    """Issue 27, item 1: another Colab runtime's lease (another machine: its PID means
+    nothing here) refuses while it is renewed, and is taken over once stale."""
+    path = tmp_path / "lease.json"
+    theirs = {"token": "t", "host": "colab-b", "machine": "colab-b/boot", "pid": 4242}
+    path.write_text(json.dumps(theirs | {"renewed": time.time() - 5, "timeout_s": 60}))
+    lease = Lease(path, 60, what="the mirrored run X", hint="stop the other runtime")
+    with pytest.raises(LeaseHeld, match=r"PID 4242 on colab-b.*renewed \d+ s ago.*stop the other"):
+        lease.acquire()
+    path.write_text(json.dumps(theirs | {"renewed": time.time() - 61, "timeout_s": 60}))
+    with caplog.at_level(logging.WARNING):
+        lease.acquire()
+    assert "taking over the stale lease" in caplog.text
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    # The heartbeat renews it; once another holder has written over it, it is lost, and
+    # never written back.
+    before = json.loads(path.read_text())["renewed"]
+    lease.start_heartbeat(every_s=0.02)
+    deadline = time.monotonic() + 5
+    while json.loads(path.read_text())["renewed"] == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert json.loads(path.read_text())["renewed"] > before
+    path.write_text(json.dumps(theirs | {"renewed": time.time(), "timeout_s": 60}))
+    while not lease.lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lease.lost and not lease.renew()
+    lease.release()
+    assert json.loads(path.read_text())["host"] == "colab-b"  # theirs, left alone

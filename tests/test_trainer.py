@@ -460,6 +460,55 @@ def test_runs_sharing_a_mirror_neither_resume_nor_rotate_each_other(tmp_path, re
     assert_bitwise_equal(final_state(tmp_path / "a"), reference["state"])
 
 
+# Another Colab runtime on the same Drive, reduced to what it does to the mirrored run: it
+# holds the run's lease (renewed by a heartbeat) while it trains.
+HOLD_MIRROR = """
+import sys, time
+from stages.common.run import mirror_lease
+mirror_lease(sys.argv[1], 300.0)
+print("leased", flush=True)
+time.sleep(600)
+"""
+
+
+def test_two_live_runtimes_on_one_mirror_the_second_stops(tmp_path, reference, caplog):
+    """Issue 27, item 1: two live Colab runtimes see the same runs path and upstream
+    exports, so both adopt the same mirrored run, and a local lock does not reach across
+    machines. The mirrored run's lease admits one: the second stops (exit 1) with a message
+    that says what to do and writes nothing to the mirror; once the holder is killed
+    (SIGKILL), a relaunch takes the lease over and resumes from the mirror, bitwise equal."""
+    mirror = tmp_path / "drive"
+    with pytest.raises(ToyCrash):  # the first runtime trained to step 4, then died
+        run(tmp_path / "runs", f"ckpt.mirror='{mirror}'", "toy.crash_at_batch=6")
+    folder = mirrored_run(mirror)
+    shutil.rmtree(tmp_path / "runs")  # a fresh runtime: empty runs/, the same Drive
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_MIRROR, str(folder)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "leased"
+        before = sorted(p.name for p in (folder / "checkpoints").iterdir())
+        with caplog.at_level(logging.ERROR):
+            code, stage = run(tmp_path / "runs", f"ckpt.mirror='{mirror}'")
+        assert code == EXIT_ERROR and not stage.seen  # stopped before the first step
+        assert f"in use by another process (PID {holder.pid} on " in caplog.text
+        assert "Manage sessions" in caplog.text  # what to do
+        assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == before
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    code, stage = run(tmp_path / "runs", f"ckpt.mirror='{mirror}'")
+    assert code == EXIT_OK
+    assert ids(stage.seen) == ids(reference["seen"])[4:]
+    assert_bitwise_equal(final_state(tmp_path / "runs"), reference["state"])
+    assert mirrored_run(mirror) == folder and not (folder / "lease.json").exists()
+
+
 def test_a_second_process_on_the_run_folder_is_refused_naming_the_holder(tmp_path, capsys):
     """Issue 15, item 3: a second terminal (or a re-run Colab cell) on a busy run folder
     exits at once with the holder's PID and touches nothing; the folder is free again when

@@ -41,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
 from .files import UnsafeFile, check_member, disk_full, fsync_path, read_member, sha256_file
+from .lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class CheckpointConfig:
     # stalled Drive (FUSE) must not hold training for ever. Past it the run goes on, the
     # copy is reported and the mirror skipped until it returns.
     mirror_timeout_minutes: float = 10.0
+    # The mirrored run's lease (two live runtimes on one Drive): renewed every quarter of
+    # this and on each save; one not renewed for this long is taken over.
+    mirror_lease_minutes: float = 5.0
 
 
 class CheckpointError(RuntimeError):
@@ -316,6 +320,7 @@ class CheckpointManager:
         mirror: Path | None = None,
         mirror_retry_s: float = 5.0,
         mirror_timeout_s: float = 600.0,
+        lease: Lease | None = None,
     ):
         self.root = Path(root)
         self.keep_last = keep_last
@@ -325,6 +330,7 @@ class CheckpointManager:
         # loop (a Drive copy of a large checkpoint takes minutes); ``wait`` joins it.
         self._copy: threading.Thread | None = None
         self.mirror_timeout_s = mirror_timeout_s
+        self.lease = lease  # the mirror's: renewed before each copy, which stops once it is lost
         self._stalled: threading.Thread | None = None  # a copy given up on, maybe still blocked
         # Checkpoints ``latest`` found unusable and could not set aside (a read-only folder):
         # rotation neither counts nor deletes them.
@@ -452,6 +458,18 @@ class CheckpointManager:
         """``_copy_once``, tried ``MIRROR_TRIES`` times; a failing mirror is reported (an
         error in the log) and never stops training: the local checkpoint is committed."""
         assert self.mirror is not None
+        if self.lease is not None:
+            try:
+                if not self.lease.renew():
+                    log.error(
+                        "%s not mirrored: another runtime took over %s (this one was judged "
+                        "gone); stop one of the two",
+                        src.name,
+                        self.mirror,
+                    )
+                    return
+            except OSError as err:
+                log.warning("could not renew the mirror's lease: %s", err)
         for attempt in range(1, MIRROR_TRIES + 1):
             try:
                 self._copy_once(src, manifest)

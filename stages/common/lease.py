@@ -196,17 +196,25 @@ class Lease:
         self._heartbeat = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
         self._heartbeat.start()
 
-    def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours."""
+    def release(self, timeout_s: float = 10.0) -> None:
+        """Stop the heartbeat and delete the lease if it is still ours. The file work runs on
+        a daemon thread waited on at most ``timeout_s``: a stalled mount cannot hold the
+        exit (the lease then goes stale on its own)."""
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(1.0)
             self._heartbeat = None
-        try:
-            if not self.lost and self._ours(self._read()):
-                self.path.unlink()
-        except OSError as err:
-            log.warning("could not release the lease %s: %s", self.path, err)
+
+        def drop() -> None:
+            try:
+                if not self.lost and self._ours(self._read()):
+                    self.path.unlink()
+            except OSError as err:
+                log.warning("could not release the lease %s: %s", self.path, err)
+
+        dropping = threading.Thread(target=drop, name="lease-release", daemon=True)
+        dropping.start()
+        dropping.join(timeout_s)
 
     def __enter__(self) -> Lease:
         return self.acquire()

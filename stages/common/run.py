@@ -14,6 +14,9 @@
   is keyed by it (``<mirror>/<preset>/<stage>/<id>/``), so a run never resumes, nor
   rotates away, another run's checkpoints. A fresh local folder (a new Colab runtime)
   adopts the mirrored run of the same runs folder path and upstream exports.
+- ``mirror_lease``: two live Colab runtimes on one Drive adopt the same mirrored run, and a
+  lock does not reach across machines; the mirrored run's ``lease.json`` (``lease.py``)
+  admits one of them, and the other stops with a message that says what to do.
 
 Nothing here imports torch: the lock is taken before anything heavy starts.
 """
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_FILE = "upstream.json"
 IDENTITY_FILE = "run.json"
+MIRROR_LEASE_FILE = "lease.json"  # in <mirror>/<preset>/<stage>/<run id>/
 LEASE_TIMEOUT_S = 120.0  # the lock's stand-in where locks fail: stale after this long unrenewed
 _ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a plain folder name inside the mirror
 
@@ -273,3 +277,21 @@ def run_identity(run_dir: Path, runs_root: Path, mirror_base: Path | None) -> di
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, identity)
     return identity
+
+
+def mirror_lease(folder: Path, timeout_s: float) -> Lease:
+    """Take the lease of the mirrored run ``folder`` (before anything is copied to it), with a
+    heartbeat; raises ``LeaseHeld`` while another live runtime holds it."""
+    lease = Lease(
+        Path(folder) / MIRROR_LEASE_FILE,
+        timeout_s=timeout_s,
+        what=f"the mirrored run {folder}",
+        hint="another runtime (a second Colab tab, a runtime you reconnected from) is "
+        "training it. Stop that one (Runtime > Manage sessions > Terminate) and re-run this; "
+        f"a lease left by a runtime that died is taken over {timeout_s:.0f} s after its last "
+        "renewal. To train both, give this one another ckpt.mirror or --runs folder",
+        settle_s=0.5,  # two runtimes starting together: the later writer wins, the other stops
+    )
+    lease.acquire()
+    lease.start_heartbeat()
+    return lease

@@ -50,6 +50,7 @@ from .exits import (
     EXIT_ABORTED,
     EXIT_CANNOT_RESUME,
     EXIT_DISK_FULL,
+    EXIT_ERROR,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -57,10 +58,11 @@ from .exits import (
 )
 from .files import DiskFull, disk_full, write_json_atomic
 from .finetune import INIT_FILE, freeze, load_init
+from .lease import Lease, LeaseHeld
 from .log import MetricsLog, available_trackers, flat_config, progress_bar
 from .optim import apply_hyperparameters, lr_at, make_optimizer, set_lr
 from .resume import ResumeError, check_resumable, choose_checkpoint
-from .run import IDENTITY_FILE, UPSTREAM_FILE, run_identity
+from .run import IDENTITY_FILE, UPSTREAM_FILE, mirror_lease, run_identity
 from .seeding import derive_seed, preserve_rng, rng_state, seed_all, set_rng_state
 from .stage import RunContext, Stage
 
@@ -190,6 +192,7 @@ class Trainer:
         self.last_save = 0.0  # time.monotonic(); the loop starts the wall clock
         self.last_log = (0.0, 0)  # (time.monotonic(), step) of the last train log line
         mirror = None
+        self.lease: Lease | None = None  # the mirrored run's, held by the main rank
         if self.is_main:  # only the main rank finds, commits and mirrors checkpoints
             mirror = self._mirror_folder(ctx)
         self.checkpoints = CheckpointManager(
@@ -197,6 +200,7 @@ class Trainer:
             keep_last=cfg.ckpt.keep_last,
             mirror=mirror,
             mirror_timeout_s=60 * cfg.ckpt.mirror_timeout_minutes,
+            lease=self.lease,
         )
 
     def _mirror_folder(self, ctx: RunContext) -> Path | None:
@@ -207,6 +211,11 @@ class Trainer:
         if base is None:
             return None
         folder = base / identity["id"]
+        # Before anything is written there: a second live runtime on the same Drive stops.
+        try:
+            self.lease = mirror_lease(folder, 60 * self.cfg.ckpt.mirror_lease_minutes)
+        except OSError as err:  # an unwritable mirror: its copies will warn, as ever
+            log.warning("could not take the lease of the mirror %s: %s", folder, err)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             write_json_atomic(folder / IDENTITY_FILE, identity)
@@ -586,6 +595,9 @@ def train(stage: Stage, ctx: RunContext) -> int:
         except NonFiniteWeights as err:
             log.error("stopping: %s", err)
             return EXIT_NONFINITE
+        except LeaseHeld as err:
+            log.error("stopping: %s", err)
+            return EXIT_ERROR
         except DiskFull as err:
             log.error(
                 "stopping: %s. The partial folder was removed and the previous checkpoint is "
@@ -599,4 +611,6 @@ def train(stage: Stage, ctx: RunContext) -> int:
         finally:
             if trainer is not None:
                 trainer.checkpoints.wait()  # a mirror copy in flight finishes before exit
+                if trainer.lease is not None:
+                    trainer.lease.release()
                 trainer.accelerator.end_training()
