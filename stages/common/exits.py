@@ -27,7 +27,8 @@ EXIT_ABORTED = 130
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "trained, or already trained and exported (nothing to do)",
     EXIT_ERROR: "an unexpected error (traceback printed); a missing or mismatched upstream "
-    "export or data folder; the run folder in use by another process (its PID named); "
+    "export or data folder; the run folder, or its mirrored run (another live runtime on the "
+    "same Drive), in use by another process (its PID named); "
     "another process failing during a save",
     EXIT_CONFIG: "bad config, preset or override (the key is named)",
     EXIT_CANNOT_RESUME: "cannot resume: config keys that break resume changed (named), the "
