@@ -14,12 +14,15 @@ Drive) receives a verified copy of each commit (copy to a temporary folder, re-r
 check every sha256, rename) with the same rotation, on a background thread: training goes
 on while it copies; the next save and the end of the run (``wait``) wait for it, at most
 ``mirror_timeout_minutes`` (a stalled mount is reported and skipped, never waited on for
-ever). A failing copy is tried ``MIRROR_TRIES`` times, then reported. ``latest()``
-returns the newest valid checkpoint of the local folder and the mirror; an unusable newer one (manifest missing,
-sha256 mismatch, unreadable safetensors) is skipped with a warning and renamed
-``step_XXXXXXX.corrupt``, so that rotation never counts it among the newest; one that cannot
-be renamed (a read-only folder) is left in place and rotation skips it, and the save just
-committed is never rotated away.
+ever). A failing copy is tried ``MIRROR_TRIES`` times, then reported. A full disk or quota
+during a save removes the partial folder and raises ``files.DiskFull`` (how much was needed
+and is free); the previous checkpoints are untouched.
+
+``latest()`` returns the newest valid checkpoint of the local folder and the mirror; an
+unusable newer one (manifest missing, sha256 mismatch, unreadable safetensors) is skipped
+with a warning and renamed ``step_XXXXXXX.corrupt``, so that rotation never counts it among
+the newest; one that cannot be renamed (a read-only folder) is left in place and rotation
+skips it, and the save just committed is never rotated away.
 """
 
 from __future__ import annotations
