@@ -41,6 +41,7 @@ from stages.common.probe import (
     image_to_prompt_r1,
     judge_rates,
     text_probe,
+    word_sensitivity,
 )
 from stages.unet.evaluate import (
     ImageEmbedder,
@@ -228,6 +229,11 @@ def evaluate_text_to_image(
         attributes = [a for _, a, _ in rows for _ in range(settings.probe_seeds)]
         objects = [o for _, _, o in rows for _ in range(settings.probe_seeds)]
         probe_metrics.update(judge_rates(ColourShapeJudge(references), images, attributes, objects))
+    unet = pipe.models.unet
+    sensitivity = word_sensitivity(
+        unet.velocity(), clip.encode_text([p for p, _, _ in rows]), probe, unet.latent_shape
+    )
+    probe_metrics.update(sensitivity)
     metrics["probe"] = probe_metrics
     n = settings.probe_seeds
     grid = labelled_grid([(p, pil[i * n : (i + 1) * n]) for i, (p, _, _) in enumerate(rows)])

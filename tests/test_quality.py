@@ -28,6 +28,7 @@ from stages.common.probe import (
     find_references,
     judge_rates,
     text_probe,
+    word_sensitivity,
 )
 from stages.unet.evaluate import r_precision
 from stages.unet.model import UNet, UNetModelConfig
@@ -272,3 +273,33 @@ def test_pipeline_evaluate_writes_every_stage_and_prints_a_table(tmp_path, tiny_
     assert (copy / "tiny" / "unet" / "eval" / "probe.png").exists()
     # a bad stage name is a clear error (exit 2), not a traceback
     assert pipeline_main(["evaluate", "--runs", str(copy), "--stages", "vea"]) == 2
+
+
+def test_word_sensitivity_tells_a_network_that_ignores_the_object_word():
+    cfg = ProbeConfig(attributes=("red", "green", "blue"), objects=("heart", "circle"))
+    prompts = cfg.prompts()
+    codes = torch.tensor([[cfg.attributes.index(a), cfg.objects.index(o)] for _, a, o in prompts])
+
+    class Conditions:  # what word_sensitivity needs of a TextCondition: rows and a device
+        def __init__(self, rows):
+            self.rows, self.tokens = rows, rows.float()
+
+        def __getitem__(self, index):
+            return Conditions(self.rows[index])
+
+        def expand(self, batch):
+            return Conditions(self.rows.expand(batch, -1))
+
+    def velocity(object_weight):
+        def v(y, tau, cond):
+            shift = cond.rows[:, 0].float() + object_weight * cond.rows[:, 1].float()
+            return y + shift.view(-1, 1, 1, 1)
+
+        return v
+
+    deaf = word_sensitivity(velocity(0.0), Conditions(codes), cfg, (1, 2, 2), times=(0.9,))
+    hearing = word_sensitivity(velocity(1.0), Conditions(codes), cfg, (1, 2, 2), times=(0.9,))
+    assert deaf["object_vs_attribute_t0.9"] == 0.0
+    # one object step moves the output as far as one attribute step (attribute pairs
+    # differ by 1 or 2 steps: mean 4/3), so the ratio is 3/4
+    assert abs(hearing["object_vs_attribute_t0.9"] - 0.75) < 1e-6
