@@ -32,6 +32,14 @@ def stand_in(tmp_path_factory) -> tuple[Path, Path]:
     return venv, root / "runs"
 
 
+def test_the_readme_stays_short_and_each_docs_page_opens_with_its_question():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 250
+    for page in sorted((REPO / "docs").glob("*.md")):
+        lines = [line for line in page.read_text().splitlines() if line.strip()]
+        assert lines[0].startswith("# ") and lines[1].startswith("*"), page.name
+        assert "?" in " ".join(lines[1:3]), page.name
+
+
 def test_the_documents_hold_commands_of_every_kind():
     programs = {c.words[0] for c in COMMANDS}
     assert {"make", "python"} <= programs and len(COMMANDS) > 40
