@@ -6,6 +6,8 @@
     python -m preprocess csv     captions.csv     --out data/mine --image-column file
     python -m preprocess parquet pokemon.parquet  --out data/pokemon-{res} --resolutions 512 64
     python -m preprocess wds     img2dataset_out/ --out data/laion
+    python -m preprocess subset  data/emoji-32    --out data/overfit-32 --resolutions 32 \
+        --words heart circle square --others 500     (the overfit test's subset)
 
 Each subcommand is a thin call into the library: the common options become a BuildConfig,
 the source a re-iterable sample stream. With several resolutions ``--out`` must contain
@@ -25,6 +27,7 @@ from .build import BuildConfig, DatasetInfo, build_shards
 from .emoji import build_emoji
 from .report import BuildReport
 from .sources import folder_samples, parquet_samples, table_samples, wds_samples
+from .subset import SubsetSource
 
 
 def _common(parser: argparse.ArgumentParser, resolutions: list[int]) -> None:
@@ -75,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     wds = sub.add_parser("wds", help="webdataset / img2dataset tar shards (re-shard, resize)")
     _own_data(wds)
     wds.add_argument("--caption-field", default="caption", help="caption key in .json")
+
+    subset = sub.add_parser("subset", help="a shard folder's samples with given words (+ others)")
+    _own_data(subset)
+    subset.add_argument("--words", nargs="+", required=True, help="keep captions with any")
+    subset.add_argument("--others", type=int, default=0, help="about this many other samples")
+    subset.add_argument("--seed", type=int, default=0, help="which others")
     return parser
 
 
@@ -94,6 +103,8 @@ def _samples(args: argparse.Namespace):
         return functools.partial(
             parquet_samples, args.source, args.image_column, args.caption_column, args.key_column
         )
+    if args.command == "subset":
+        return SubsetSource(args.source, args.words, args.others, args.seed)
     return functools.partial(wds_samples, args.source, args.caption_field)
 
 

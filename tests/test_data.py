@@ -266,7 +266,13 @@ def test_generic_batches_over_any_map_dataset():
     it = iter(batches)
     seen = torch.cat([next(it) for _ in range(5)]).tolist()  # 20 = two epochs exactly
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-    assert batches.state_dict() == {"position": 20, "seed": 1, "epoch": 2, "num_samples": 10}
+    assert batches.state_dict() == {
+        "position": 20,
+        "seed": 1,
+        "epoch": 2,
+        "num_samples": 10,
+        "weights": "uniform",
+    }
     again = ResumableBatches(list(range(10)), batch_size=4, seed=1)
     again.load_state_dict({"position": 8, "seed": 1, "num_samples": 10})
     stale, fresh = iter(again), iter(again)  # a newer iterator (or a load) ends older ones
@@ -276,6 +282,31 @@ def test_generic_batches_over_any_map_dataset():
     assert next(fresh).tolist() == seen[12:16]
     with pytest.raises(ValueError, match="12 samples"):
         again.load_state_dict({"position": 8, "seed": 1, "num_samples": 12})
+
+
+def test_weighted_draws_follow_the_weights_and_resume_exactly():
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 4.0])  # sample 4 never, 5 four times as often
+    batches = ResumableBatches(list(range(6)), batch_size=3, seed=7, weights=weights)
+    it = iter(batches)
+    seen = torch.cat([next(it) for _ in range(2000)]).tolist()
+    counts = torch.bincount(torch.tensor(seen), minlength=6).double() / len(seen)
+    assert counts[4] == 0
+    assert torch.allclose(counts, weights.double() / weights.sum(), atol=0.02)
+    state = batches.state_dict()
+    assert state["weights"] not in ("uniform", None)
+    # A resumed cursor yields what the uninterrupted one would have, from any position.
+    again = ResumableBatches(list(range(6)), batch_size=3, seed=7, weights=weights)
+    again.load_state_dict({**state, "position": 3 * 500})
+    assert next(iter(again)).tolist() == seen[1500:1503]
+    # Other weights (or none) would be another stream: the saved position is refused.
+    for other in (None, torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 4.0])):
+        moved = ResumableBatches(list(range(6)), batch_size=3, seed=7, weights=other)
+        with pytest.raises(ValueError, match="sampling weights"):
+            moved.load_state_dict(state)
+    with pytest.raises(ValueError, match="finite"):
+        ResumableBatches(list(range(3)), batch_size=2, weights=torch.tensor([0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="weights"):
+        ResumableBatches(list(range(3)), batch_size=2, weights=torch.ones(4))
 
 
 # ----------------------------------------------------------------------- validation, config

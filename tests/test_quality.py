@@ -128,12 +128,33 @@ def test_text_probe_tells_an_encoder_that_hears_colour_from_one_that_does_not():
             ]
         )
 
-    colour_blind = text_probe(emb(0.1), cfg)
-    hearing = text_probe(emb(2.0), cfg)
-    assert colour_blind["probe_nn_same_object"] == 1.0
-    assert colour_blind["probe_nn_same_attribute"] == 0.0
-    assert hearing["probe_nn_same_attribute"] == 1.0
-    assert hearing["probe_cos_attribute_only"] < colour_blind["probe_cos_attribute_only"]
+    weak_colour = text_probe(emb(0.1), cfg)
+    strong_colour = text_probe(emb(2.0), cfg)
+    # The object is heard in both: among other colours the nearest shares the object.
+    assert weak_colour["probe_object_given_other_attribute"] == 1.0
+    assert strong_colour["probe_object_given_other_attribute"] == 1.0
+    # The colour direction, weak or strong, decides the nearest among the other objects.
+    assert strong_colour["probe_attribute_given_other_object"] == 1.0
+    assert weak_colour["probe_attribute_given_other_object_chance"] == 1 / 3
+    assert weak_colour["probe_object_given_other_attribute_chance"] == 1 / 2
+    # Pairs sharing only the object are closer when the colour is weakly encoded.
+    assert weak_colour["probe_cos_same_object"] > strong_colour["probe_cos_same_object"]
+    assert strong_colour["probe_cos_same_attribute"] > weak_colour["probe_cos_same_attribute"]
+
+
+def test_text_probe_scores_chance_for_an_encoder_deaf_to_the_object():
+    cfg = ProbeConfig(attributes=("red", "green", "blue"), objects=("heart", "circle", "square"))
+    # The embedding holds the colour only: the object is never what decides a neighbour.
+    emb = torch.stack(
+        [
+            torch.eye(3)[cfg.attributes.index(a)] + 1e-3 * i
+            for i, (_, a, _) in enumerate(cfg.prompts())
+        ]
+    )
+    out = text_probe(emb, cfg)
+    assert out["probe_attribute_given_other_object"] == 1.0
+    # Among the other colours every prompt is equally far: the pick is not the object.
+    assert out["probe_object_given_other_attribute"] <= 0.5
 
 
 # ------------------------------------------------------------------ R-precision

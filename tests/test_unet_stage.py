@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from unet_runs import build_clip_export, copy_runs, stage_config
 
 from stages.clip.export import load_clip
+from stages.common.balance import BalanceConfig
 from stages.common.cli import run_stage
 from stages.common.config import ConfigError
 from stages.common.export import ExportError
@@ -116,10 +117,14 @@ grid_seeds = 2
 # ------------------------------------------------------------------------------ resume
 
 
-def train_run(runs: Path, shards: Path, max_steps: int, cache: bool = True) -> dict:
+def train_run(
+    runs: Path, shards: Path, max_steps: int, cache: bool = True, balance: bool = False
+) -> dict:
 
     cfg = stage_config(shards, max_steps=max_steps, val_every=0, preview_every=0)
     cfg = replace(cfg, cache=replace(cfg.cache, enabled=cache))
+    if balance:  # every name word of the tiny captions a concept, each capped at one sample
+        cfg = replace(cfg, balance=BalanceConfig(True, cap=1, min_count=2, min_look_auc=0.0))
     assert (
         train(UNetStage(cfg, RunContext(runs, "tiny", "unet")), RunContext(runs, "tiny", "unet"))
         == 0
@@ -143,6 +148,21 @@ def test_resume_through_the_shared_loop_equals_an_uninterrupted_run(
     assert not (tmp_path / "c" / "runs" / "tiny" / "unet" / "cache").exists()
     for key in straight:
         torch.testing.assert_close(fly[key], straight[key], atol=2e-3, rtol=2e-2)
+
+
+def test_concept_balanced_runs_resume_exactly_and_report_the_balance(
+    upstream_runs, tiny_shards, tmp_path
+):
+    straight = train_run(copy_runs(upstream_runs, tmp_path / "a"), tiny_shards, 6, balance=True)
+    runs = copy_runs(upstream_runs, tmp_path / "b")
+    train_run(runs, tiny_shards, 3, balance=True)
+    resumed = train_run(runs, tiny_shards, 6, balance=True)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    report = json.loads((runs / "tiny" / "unet" / "balance.json").read_text())
+    assert report["concepts"] > 0 and report["downweighted_samples"] > 0
+    uniform = train_run(copy_runs(upstream_runs, tmp_path / "c"), tiny_shards, 6)
+    assert any(not torch.equal(straight[k], uniform[k]) for k in straight)  # another stream
 
 
 # ------------------------------------------------------------------------- fine-tuning

@@ -58,6 +58,7 @@ from stages.common.trainer import TrainConfig, unwrap
 from stages.vae.export import LoadedVAE, load_vae
 
 from .export import build_clip_modules, save_clip_export
+from .grounding import GroundingConfig, grounding_report, write_report
 from .loss import CLIPLossConfig, LogitScale, caption_groups, contrastive_loss
 from .model import CLIPModelConfig, ImageTower, TextEncoder
 from .tokenizer import CLIPTokenizer, train_tokenizer
@@ -106,6 +107,7 @@ class CLIPStageConfig:
     val: CLIPValConfig = field(default_factory=CLIPValConfig)
     cache: CLIPCacheConfig = field(default_factory=CLIPCacheConfig)
     captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
 
 def read_captions(split_dir: Path, limit: int = 0) -> list[str]:
@@ -191,7 +193,7 @@ class CLIPStage:
     name = "clip"
     best_metric = ("mean_recall", "max")
     # Change no training computation (a cache shard holds fixed rows; the order is the same).
-    resume_safe_keys = ("val.*", "cache.batch_size", "cache.shard_size")
+    resume_safe_keys = ("val.*", "grounding.*", "cache.batch_size", "cache.shard_size")
 
     def __init__(self, config: CLIPStageConfig, ctx: RunContext):
         self.config = config
@@ -391,3 +393,28 @@ class CLIPStage:
             vae_hash=self.vae.hash if self.vae is not None else None,
             started_from=self.started_from,
         )
+        if self.config.grounding.enabled:
+            self.grounding(text, image)
+
+    @torch.no_grad()
+    def grounding(self, text: TextEncoder, image: ImageTower) -> None:
+        """The grounding report (``grounding.py``) of the exported towers over the train
+        split, written to the run folder."""
+        cfg, device = self.config, next(text.parameters()).device
+        embeddings, captions = [], []
+        train_dir = cfg.data.split_dir("train")
+        for batch in iter_split(train_dir, cfg.val.batch_size, cfg.data.resolution):
+            embeddings.append(image(self.tower_inputs(batch, device)).float().cpu())
+            captions += batch["caption"]
+
+        def embed_texts(words: list[str]) -> torch.Tensor:
+            ids, mask = self.tokenizer.encode(words)
+            return text(ids.to(device), mask.to(device)).embedding.float().cpu()
+
+        report = grounding_report(torch.cat(embeddings), captions, embed_texts, cfg.grounding)
+        path = write_report(report, self.ctx.run_dir)
+        flagged = report["flagged"]
+        shown = ", ".join(flagged[:10]) + (
+            f" and {len(flagged) - 10} more" if len(flagged) > 10 else ""
+        )
+        log.info("grounding report: %s (flagged: %s)", path, shown or "none")

@@ -389,8 +389,10 @@ def cached_batches(
     world_size: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> ResumableBatches:
-    """The training stream over a cache: the shard reader's resumable cursor."""
+    """The training stream over a cache: the shard reader's resumable cursor (weighted draws
+    with ``weights``, see ``stages/common/balance.py``)."""
     return ResumableBatches(
         rows,
         batch_size,
@@ -400,4 +402,5 @@ def cached_batches(
         num_workers=num_workers,
         collate_fn=collate_rows,
         pin_memory=pin_memory,
+        weights=weights,
     )

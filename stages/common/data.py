@@ -356,9 +356,30 @@ def collate_samples(samples: Sequence[dict[str, Any]], resolution: int) -> dict[
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffle of one epoch, from a generator seeded by a hash of (seed, epoch)."""
+    return torch.randperm(num_samples, generator=_epoch_generator(seed, epoch))
+
+
+def epoch_draws(weights: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """A weighted "epoch": ``len(weights)`` indices drawn with replacement, sample ``i`` with
+    probability ``weights[i] / weights.sum()`` (concept-balanced sampling, ``balance.py``).
+    Seeded like ``epoch_permutation``, so the stream is still a pure function of the position."""
+    # Inverse-CDF draws (torch.multinomial caps the categories at 2**24 samples).
+    cdf = torch.cumsum(weights.double(), 0)
+    u = torch.rand(len(weights), generator=_epoch_generator(seed, epoch), dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_max(len(weights) - 1)
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     digest = hashlib.sha256(f"minisd-data/{seed}/{epoch}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return torch.randperm(num_samples, generator=generator)
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def weights_digest(weights: torch.Tensor | None) -> str:
+    """What a checkpointed cursor records of its sampling weights ("uniform" for none)."""
+    if weights is None:
+        return "uniform"
+    data = weights.double().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 class StreamBatchSampler:
@@ -366,7 +387,8 @@ class StreamBatchSampler:
 
     ``lookahead(indices)``, when given, is told the samples of the batch ``ahead`` batches
     past the one being yielded (remote shards are prefetched from it); it never changes
-    what is yielded."""
+    what is yielded. With ``weights`` (N,) each epoch is ``epoch_draws`` instead of a
+    permutation: weighted, with replacement, as resumable."""
 
     def __init__(
         self,
@@ -378,10 +400,12 @@ class StreamBatchSampler:
         start: int,
         lookahead: Callable[[list[int]], None] | None = None,
         ahead: int = 0,
+        weights: torch.Tensor | None = None,
     ):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.rank, self.world_size, self.start = rank, world_size, start
         self.lookahead, self.ahead = lookahead, ahead
+        self.weights = weights
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
         self._previous: tuple[int, torch.Tensor] | None = None  # lookahead crosses epochs
 
@@ -395,6 +419,8 @@ class StreamBatchSampler:
                 self._previous = (self._epoch, self._perm)
                 if kept is not None and kept[0] == epoch:
                     self._epoch, self._perm = kept
+                elif self.weights is not None:
+                    self._epoch, self._perm = epoch, epoch_draws(self.weights, self.seed, epoch)
                 else:
                     perm = epoch_permutation(self.num_samples, self.seed, epoch)
                     self._epoch, self._perm = epoch, perm
@@ -425,6 +451,8 @@ class ResumableBatches:
     ``state_dict()`` counts only the batches already yielded to the caller;
     ``load_state_dict`` makes the next batch the one an uninterrupted pass would yield.
     Call ``load_state_dict`` before iterating: it ends iterators started earlier.
+    ``weights`` (N,), non-negative: concept-balanced draws instead of permutations (see
+    ``StreamBatchSampler``); the cursor records their digest and refuses other weights.
     """
 
     def __init__(
@@ -439,6 +467,7 @@ class ResumableBatches:
         pin_memory: bool = False,
         lookahead: Callable[[list[int]], None] | None = None,
         ahead: int = 0,
+        weights: torch.Tensor | None = None,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -453,6 +482,13 @@ class ResumableBatches:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.collate_fn, self.pin_memory = collate_fn, pin_memory
         self.lookahead, self.ahead = lookahead, ahead
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64)
+            if weights.shape != (self.num_samples,):
+                raise ValueError(f"weights {tuple(weights.shape)} for {self.num_samples} samples")
+            if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError("sampling weights must be finite, >= 0 and not all zero")
+        self.weights = weights
         self.position = 0  # samples of the stream consumed by all ranks
         self._generation = 0  # bumped by __iter__/load_state_dict: stale iterators stop
 
@@ -466,6 +502,7 @@ class ResumableBatches:
             "seed": self.seed,
             "epoch": self.epoch,
             "num_samples": self.num_samples,
+            "weights": weights_digest(self.weights),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -473,6 +510,12 @@ class ResumableBatches:
             raise ValueError(
                 f"data cursor was saved over {state['num_samples']} samples but the data set "
                 f"now has {self.num_samples}: the saved position means nothing here"
+            )
+        saved = state.get("weights", "uniform")  # cursors saved before weights were uniform
+        if saved != weights_digest(self.weights):
+            raise ValueError(
+                f"data cursor was saved with sampling weights {saved} but this run draws with "
+                f"{weights_digest(self.weights)}: the saved position means another stream"
             )
         position = int(state["position"])
         if position < 0:
@@ -492,6 +535,7 @@ class ResumableBatches:
             self.position,
             self.lookahead,
             self.ahead,
+            self.weights,
         )
         loader = DataLoader(
             self.dataset,

@@ -5,9 +5,9 @@ three shapes of the emoji data: ``"red heart"``, ``"purple square"``, ...). Thre
 asked of it, one per stage:
 
 - **VAE**: reconstructing the data's own images of each prompt, is the named colour kept?
-- **CLIP** (text side): is the nearest other probe prompt one that shares the attribute or the
-  object? A text encoder that hears the colour puts ``"red heart"`` nearest to ``"red circle"``
-  or at least not always to ``"orange heart"``.
+- **CLIP** (text side), factored: among the prompts of another colour, does the nearest share
+  the object; among those of another object, does it share the colour? (``text_probe``; one
+  nearest neighbour cannot share both, so the two are asked apart, each with its chance.)
 - **Text-to-image**: does a generated image show the named colour, the named object, both?
 
 The images are judged without any learned model (``ColourShapeJudge``), so the judge cannot
@@ -195,27 +195,49 @@ def judge_rates(
 
 
 def text_probe(embeddings: torch.Tensor, cfg: ProbeConfig) -> dict[str, float]:
-    """Nearest-neighbour structure of the probe prompts' text embeddings (P, E), in
-    ``cfg.prompts()`` order: the share whose nearest other prompt shares the attribute, the
-    object, and the mean cosine between prompts that differ in the attribute only."""
+    """The factored structure of the probe prompts' text embeddings (P, E), in
+    ``cfg.prompts()`` order. One nearest neighbour cannot share both the attribute and the
+    object, so each is asked where the other cannot decide it:
+
+    - ``probe_object_given_other_attribute``: among the prompts of *another* attribute, does
+      the nearest share the object? (chance ``1 / len(objects)``: "red heart" -> "blue heart")
+    - ``probe_attribute_given_other_object``: among the prompts of *another* object, does the
+      nearest share the attribute? (chance ``1 / len(attributes)``: "red heart" -> "red square")
+    - ``probe_cos_same_attribute`` / ``probe_cos_same_object``: the mean cosine of the pairs
+      that share only the attribute / only the object: how strongly each word is encoded.
+
+    The chance levels are returned beside the shares (``..._chance``)."""
     prompts = cfg.prompts()
     emb = F.normalize(embeddings.float(), dim=-1)
-    sim = emb @ emb.T
-    sim.fill_diagonal_(-2.0)
-    nearest = sim.argmax(dim=1).tolist()
-    same_attr = [prompts[i][1] == prompts[j][1] for i, j in enumerate(nearest)]
-    same_obj = [prompts[i][2] == prompts[j][2] for i, j in enumerate(nearest)]
-    pairs = [
-        float(sim[i, j])
-        for i in range(len(prompts))
-        for j in range(len(prompts))
-        if i != j and prompts[i][2] == prompts[j][2]
-    ]
-    n = len(prompts)
+    sim = emb @ emb.T  # (P, P)
+    attrs = [a for _, a, _ in prompts]
+    objs = [o for _, _, o in prompts]
+
+    def nearest_shares(exclude: list[str], share: list[str]) -> float:
+        hits = []
+        for i in range(len(prompts)):
+            others = [j for j in range(len(prompts)) if exclude[j] != exclude[i]]
+            if others:
+                j = others[int(sim[i, others].argmax())]
+                hits.append(share[j] == share[i])
+        return sum(hits) / max(len(hits), 1)
+
+    def mean_cos(same: list[str], differ: list[str]) -> float:
+        values = [
+            float(sim[i, j])
+            for i in range(len(prompts))
+            for j in range(len(prompts))
+            if i != j and same[i] == same[j] and differ[i] != differ[j]
+        ]
+        return sum(values) / max(len(values), 1)
+
     return {
-        "probe_nn_same_attribute": sum(same_attr) / n,
-        "probe_nn_same_object": sum(same_obj) / n,
-        "probe_cos_attribute_only": sum(pairs) / max(len(pairs), 1),
+        "probe_object_given_other_attribute": nearest_shares(attrs, objs),
+        "probe_object_given_other_attribute_chance": 1 / len(set(objs)),
+        "probe_attribute_given_other_object": nearest_shares(objs, attrs),
+        "probe_attribute_given_other_object_chance": 1 / len(set(attrs)),
+        "probe_cos_same_attribute": mean_cos(attrs, objs),
+        "probe_cos_same_object": mean_cos(objs, attrs),
     }
 
 

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stages.clip.export import LoadedCLIP, load_clip
-from stages.common.cache import cached_batches, ensure_cache
+from stages.common.balance import BalanceConfig, concept_weights
+from stages.common.cache import CachedRows, cached_batches, ensure_cache
 from stages.common.captions import CaptionAugmentConfig, augment_captions
 from stages.common.checkpoint import CheckpointConfig
 from stages.common.config import ConfigError, to_dict
@@ -48,6 +50,7 @@ from stages.common.export import (
     read_export,
     write_export,
 )
+from stages.common.files import write_json_atomic
 from stages.common.finetune import InitConfig, check_same_model, state_dicts_by_prefix
 from stages.common.optim import OptimConfig
 from stages.common.run import claim_upstream
@@ -80,6 +83,7 @@ class UNetStageConfig:
     sample: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
 
 
 def resolve_model(
@@ -247,6 +251,8 @@ class UNetStage:
         cfg = self.config
         seed = cfg.train.seed
         if not self.uses_cache:
+            if cfg.balance.enabled:
+                raise ConfigError("balance.enabled needs the latent cache (cache.enabled = true)")
             return ShardLoader.from_config(cfg.data, "train", seed, rank, world_size)
         text_dtype = getattr(torch, cfg.cache.text_dtype)
         vae, clip = self.vae, self.clip
@@ -275,7 +281,35 @@ class UNetStage:
             world_size,
             num_workers=cfg.data.num_workers,
             pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
+            weights=self._balance(rows) if cfg.balance.enabled else None,
         )
+
+    @torch.no_grad()
+    def _balance(self, rows: CachedRows) -> torch.Tensor:
+        """Concept-balanced sampling weights (``stages/common/balance.py``) of the cached
+        rows, in the frozen CLIP's image space; every rank computes the same ones, and the
+        report goes to the run folder."""
+        features, captions = [], []
+        for start in range(0, len(rows), 1024):
+            batch = rows.__getitems__(list(range(start, min(start + 1024, len(rows)))))
+            mean = batch["latent_mean"].to(self.ctx.device, torch.float32)
+            if self.clip.image_input == "latent":
+                features.append(self.clip.embed_images(self.vae.normalize(mean)).float().cpu())
+            else:  # a pixel tower sees the decoded posterior mean
+                features.append(self.clip.embed_images(self.vae.decode(mean)).float().cpu())
+            captions += batch["caption"]
+        weights, report = concept_weights(
+            captions, F.normalize(torch.cat(features), dim=-1), self.config.balance
+        )
+        write_json_atomic(self.ctx.run_dir / "balance.json", report)
+        log.info(
+            "balance: %d concepts, %d of %d samples down-weighted, %.2f distinct per epoch",
+            report["concepts"],
+            report["downweighted_samples"],
+            report["samples"],
+            report["distinct_per_epoch"],
+        )
+        return weights
 
     def loss(self, modules: dict[str, nn.Module], batch: Any, step: int) -> dict[str, torch.Tensor]:
         unet = modules["unet"]
