@@ -1,4 +1,4 @@
-"""``ShardDataset``: map-style access to one split, ``ds[i]`` reads and decodes sample ``i`` only.
+"""``ShardDataset``: map-style access to one split; ``ds[i]`` reads and decodes sample ``i``.
 
 A corrupt sample (undecodable image, missing or empty caption, a member over its size cap)
 becomes a marker that ``collate_samples`` drops and counts in ``batch["skipped"]``: it never
@@ -27,12 +27,9 @@ from .shard_index import ShardIndex
 
 log = logging.getLogger(__name__)
 
-
 # Open shard files kept per process (and per DataLoader worker); far below the usual
 # 1024-descriptor limit, and one shard serves many consecutive reads of a batch.
 MAX_OPEN_SHARDS = 64
-
-
 # Largest member a sample may have (bytes); a larger one is a skipped sample, never read.
 MAX_MEMBER_BYTES = {"image": 64 << 20, "txt": 64 << 10, "json": 1 << 20}
 
