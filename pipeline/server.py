@@ -6,7 +6,7 @@
                      raw PNG (n = 1) when ``Accept: image/png`` or ``"format": "png"``;
                      ``init_image`` (a base64 data URI of a PNG, JPEG or WebP) turns on
                      image-to-image at ``strength`` in [0, 1]
-    GET  /health     worker state, device, export hashes, queue (503 when the worker stopped)
+    GET  /health     worker state (restarts, last failure), device, export hashes, queue
     GET  /config     allowed ranges and defaults (the page reads them)
     GET  /           the web page (static/index.html, plain HTML + JS)
 
@@ -394,12 +394,13 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
     @app.get("/health")
     async def health() -> JSONResponse:
         # The models sit in memory for the app's whole life; what can fail is the one thread
-        # that runs them. A stopped worker is a 503 here, as on /generate.
+        # that runs them. A job that ends it gets a fresh one (counted here); only a closed
+        # worker (the server stopping) is a 503.
         alive = worker.alive
         payload = {
             "status": "ok" if alive else "worker stopped",
             "models_loaded": alive,
-            "worker": {"alive": alive, "failure": worker.failure},
+            "worker": {"alive": alive, "restarts": worker.restarts, "last_failure": worker.failure},
             "device": str(pipeline.device),
             "hashes": dict(pipeline.hashes),
             "resolution": pipeline.resolution,
@@ -457,9 +458,18 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
                 status_code=503,
                 headers={"Retry-After": "5"},
             )
-        except WorkerDead as err:
-            return JSONResponse({"detail": f"{err}; the server needs a restart"}, status_code=503)
+        except WorkerDead as err:  # the server is stopping
+            return JSONResponse({"detail": str(err)}, status_code=503)
         waiting = asyncio.wrap_future(future)
+
+        def abandon() -> None:
+            """Stop the job: one still queued is skipped, a running one stops at its next
+            step. ``waiting`` is cancelled too, so the job's ``Cancelled`` is never set on a
+            future nobody reads (asyncio would log it as an error)."""
+            stop.set()
+            future.cancel()
+            waiting.cancel()
+
         timed_out = JSONResponse(
             {"detail": f"generation did not finish within {settings.timeout_s:g} s"},
             status_code=504,
@@ -468,20 +478,16 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
             while not waiting.done():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    stop.set()
-                    future.cancel()  # a job still queued is skipped; a running one stops
+                    abandon()
                     return timed_out
                 await asyncio.wait({waiting}, timeout=min(remaining, POLL_S))
                 if not waiting.done() and await request.is_disconnected():
-                    stop.set()
-                    future.cancel()
+                    abandon()
                     log.info("client gone: generation cancelled")
                     return Response(status_code=499)  # nobody reads it
             images, elapsed = waiting.result()
         except Cancelled:  # the job saw the deadline pass first
             return timed_out
-        except WorkerDead as err:  # it stopped while this job ran or waited
-            return JSONResponse({"detail": f"{err}; the server needs a restart"}, status_code=503)
         except SettingsError as err:  # the pipeline refused the settings: the caller's mistake
             return JSONResponse({"detail": str(err)}, status_code=422)
         except Exception:  # out of memory, a broken export, a ValueError deep in torch...

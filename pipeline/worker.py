@@ -6,9 +6,12 @@ raises ``QueueFull`` (the server answers 503). A job whose caller gave up (timeo
 gone) is cancelled; if it has not started yet the worker skips it.
 
 A job that raises an ``Exception`` hands it to its caller and the worker goes on. Anything
-else (``SystemExit``, ``KeyboardInterrupt``, a ``BaseException`` from a library) stops the
-thread: ``alive`` turns False, ``failure`` says why, the job and every waiting one fail with
-``WorkerDead``, and so does every later ``submit`` (the server answers 503, /health says so).
+else (``SystemExit``, ``KeyboardInterrupt``, a ``BaseException`` from a library) ends the
+thread it ran on: that job fails with ``WorkerCrashed`` (the server answers 500), the reason
+goes to the log at CRITICAL, and a fresh thread is started in the same process to serve the
+jobs still queued and every later one; ``restarts`` counts them and ``failure`` keeps the
+last reason (``/health`` shows both). Only ``close`` stops the worker for good
+(``WorkerDead``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ class QueueFull(RuntimeError):
 
 
 class WorkerDead(RuntimeError):
-    """The worker thread has stopped: no job will run any more."""
+    """The worker was closed: no job will run any more."""
+
+
+class WorkerCrashed(RuntimeError):
+    """The job ended its worker thread with a ``BaseException`` (a new thread took over)."""
 
 
 class Worker:
@@ -36,8 +43,13 @@ class Worker:
         if capacity < 1:
             raise ValueError(f"queue capacity must be at least 1, got {capacity}")
         self.capacity = capacity
-        self.failure: str | None = None  # why the thread stopped, when it did
+        self.failure: str | None = None  # why the last thread ended, when one did
+        self.restarts = 0  # threads started again after a job ended one
+        self._closed = False
         self._jobs: queue.Queue[tuple[Future, Callable[[], Any]] | None] = queue.Queue(capacity)
+        self._start()
+
+    def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pipeline-worker", daemon=True)
         self._thread.start()
 
@@ -47,25 +59,16 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.failure is None
-
-    def _dead(self) -> WorkerDead:
-        return WorkerDead(f"the generation worker stopped: {self.failure or 'closed'}")
+        return not self._closed and self._thread.is_alive()
 
     def submit(self, fn: Callable[[], Any]) -> Future:
-        if not self.alive:
-            raise self._dead()
+        if self._closed:
+            raise WorkerDead("the generation worker is closed (the server is stopping)")
         future: Future = Future()
         try:
             self._jobs.put_nowait((future, fn))
         except queue.Full:
             raise QueueFull(f"{self.capacity} requests are already waiting") from None
-        if not self.alive:  # it stopped between the check and the put: nobody will run this
-            try:
-                if future.set_running_or_notify_cancel():
-                    future.set_exception(self._dead())
-            except RuntimeError:
-                pass  # the dying thread's drain got to it first
         return future
 
     def _run(self) -> None:
@@ -83,22 +86,25 @@ class Worker:
                 except Exception as err:  # handed to the waiting request
                     future.set_exception(err)
                 future = None
-        except BaseException as err:  # the thread ends: say why, fail what waits on it
+        except BaseException as err:  # this thread ends: fail its job, start a fresh one
             self.failure = f"{type(err).__name__}: {err}"
-            log.critical("generation worker stopped", exc_info=True)
-            dead = self._dead()
+            self.restarts += 1
+            log.critical(
+                "a job ended the generation worker (%s); starting it again (restart %d)",
+                self.failure,
+                self.restarts,
+                exc_info=True,
+            )
             if future is not None and not future.done():
-                future.set_exception(dead)
-            while True:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None and job[0].set_running_or_notify_cancel():
-                    job[0].set_exception(dead)
+                future.set_exception(
+                    WorkerCrashed(f"the generation worker stopped: {self.failure}")
+                )
+            if not self._closed:
+                self._start()  # it serves the jobs still queued
 
     def close(self, timeout: float = 5.0) -> None:
         """Finish the running job, drop the waiting ones, stop the thread."""
+        self._closed = True
         while True:
             try:
                 job = self._jobs.get_nowait()

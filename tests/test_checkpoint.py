@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -21,6 +23,7 @@ from stages.common.checkpoint import (
     split_tree,
     verify,
 )
+from stages.common.files import DiskFull
 
 
 def tree_equal(a, b) -> bool:
@@ -126,6 +129,35 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_never_counted_by_rotation(
     assert "set the unusable checkpoint aside" in caplog.text
 
 
+def test_a_corrupt_checkpoint_that_cannot_be_set_aside_never_costs_the_fresh_save(
+    tmp_path, monkeypatch, caplog
+):
+    """Issue 27, item 7: when the corrupt newest checkpoint could not be renamed aside (a
+    read-only folder, permissions), rotation still counted it as the newest and, with
+    keep_last=1, deleted the fresh save right after its commit."""
+    save(CheckpointManager(tmp_path / "ck", keep_last=3), 2)
+    newest = save(CheckpointManager(tmp_path / "ck", keep_last=3), 4, best_step=4)
+    weights = newest / "model.net.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    real_replace = ckpt_mod.os.replace
+
+    def no_set_aside(src, dst):  # the folder refuses that rename (root ignores chmod)
+        if ".corrupt" in str(dst):
+            raise PermissionError(13, "Permission denied", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", no_set_aside)
+    manager = CheckpointManager(tmp_path / "ck", keep_last=1)
+    with caplog.at_level(logging.WARNING):
+        assert manager.latest().manifest["step"] == 2
+    assert "could not set" in caplog.text
+    save(manager, 3)  # the fresh save survives its own rotation ...
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000003", "step_0000004"]
+    save(manager, 5)  # ... and the next one rotates it, leaving the corrupt one for a look
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000004", "step_0000005"]
+    assert verify(tmp_path / "ck" / "step_0000005").manifest["step"] == 5
+
+
 def test_no_checkpoint_is_set_aside_when_none_is_usable(tmp_path):
     manager = CheckpointManager(tmp_path / "ck")
     path = save(manager, 2)
@@ -204,6 +236,126 @@ def test_failed_save_midway_leaves_previous_checkpoints_valid(tmp_path, monkeypa
     assert verify(tmp_path / "ck" / "step_0000002").manifest["step"] == 2
     save(manager, 6)  # the next save cleans the half-written folder and rotates
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_0000006"]
+
+
+REAL_FSYNC = os.fsync
+
+
+class FullAfter:
+    """``os.fsync`` that counts its calls and fails with ENOSPC (or EDQUOT) from call ``n``
+    on: every file a save writes is fsynced, so this fails each write in turn."""
+
+    def __init__(self, n: int, code: int = errno.ENOSPC):
+        self.n, self.code, self.calls = n, code, 0
+
+    def __call__(self, fd):
+        self.calls += 1
+        if self.calls >= self.n:
+            raise OSError(self.code, os.strerror(self.code))
+        return REAL_FSYNC(fd)
+
+
+def test_a_full_disk_at_any_write_of_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Issue 27, item 4: ENOSPC/EDQUOT while writing a checkpoint left the partial folder
+    behind and surfaced as a bare OSError. Now the partial folder is removed, the previous
+    checkpoint stays valid and the error says "disk full" and how much was needed."""
+    counting = FullAfter(10**9)
+    monkeypatch.setattr(os, "fsync", counting)
+    save(CheckpointManager(tmp_path / "count"), 2)
+    writes = counting.calls
+    assert writes >= 5  # trees, manifest, folders
+    for n in range(1, writes + 1):
+        root = tmp_path / f"ck{n}"
+        monkeypatch.setattr(os, "fsync", FullAfter(10**9))
+        manager = CheckpointManager(root, keep_last=1)
+        save(manager, 2)
+        monkeypatch.setattr(os, "fsync", FullAfter(n, errno.EDQUOT if n % 2 else errno.ENOSPC))
+        with pytest.raises(DiskFull, match=r"disk full .* step 4 .* needs about [\d.]+ KiB"):
+            save(manager, 4)
+        monkeypatch.setattr(os, "fsync", FullAfter(10**9))
+        left = sorted(p.name for p in root.iterdir())
+        assert not [name for name in left if name.endswith(".tmp")], (n, left)
+        assert "step_0000002" in left, (n, left)  # never rotated away by a failed save
+        for name in left:  # whatever is there is whole (a failure after the rename: step 4)
+            assert verify(root / name).manifest["step"] in (2, 4)
+        assert manager.latest().manifest["step"] in (2, 4)
+
+
+def test_a_full_mirror_is_retried_then_reported_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    """Issue 27, item 4: the mirror copy failing for a full Drive is tried again, then
+    reported as disk full; the local checkpoint is committed and the save returns."""
+    real_copy, tries = shutil.copyfile, []
+
+    def full_drive(src, dst, **kwargs):
+        if "drive" in str(dst):
+            tries.append(dst)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "copyfile", full_drive)
+    manager = CheckpointManager(tmp_path / "ck", mirror=tmp_path / "drive", mirror_retry_s=0)
+    with caplog.at_level(logging.WARNING, logger="stages.common.checkpoint"):
+        path = save(manager, 2)
+    assert verify(path).manifest["step"] == 2
+    assert len(tries) == ckpt_mod.MIRROR_TRIES
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "disk full" in errors[0] and "needs about" in errors[0]
+    assert not list((tmp_path / "drive").iterdir())  # no partial copy left
+
+
+def test_a_stalled_mirror_never_holds_training_and_the_local_save_commits(
+    tmp_path, monkeypatch, caplog
+):
+    """Issue 27, item 5: a Drive copy blocked in a stalled FUSE mount made the next save
+    (and the end of the run) wait for ever. Now the wait is bounded, reported, and the
+    mirror is skipped until the blocked copy returns."""
+    real_copy, stall = shutil.copyfile, threading.Event()
+
+    def stalled_drive(src, dst, **kwargs):
+        if "drive" in str(dst):
+            stall.wait(30)
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "copyfile", stalled_drive)
+    mirror = tmp_path / "drive"
+    manager = CheckpointManager(tmp_path / "ck", keep_last=3, mirror=mirror, mirror_timeout_s=0.3)
+    try:
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="stages.common.checkpoint"):
+            save(manager, 2)  # its copy blocks; the wait gives up
+            assert manager.wait() is True  # nothing in flight any more
+            save(manager, 3)  # committed locally; the mirror is skipped while it is stalled
+        assert time.monotonic() - start < 10
+        assert "has not finished after 0 s" in caplog.text
+        assert "step_0000003 not mirrored" in caplog.text
+        for step in (2, 3):
+            assert verify(tmp_path / "ck" / f"step_{step:07d}").manifest["step"] == step
+    finally:
+        stall.set()  # the mount comes back: the blocked copy finishes ...
+    deadline = time.monotonic() + 10
+    while not (mirror / "step_0000002").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert verify(mirror / "step_0000002").manifest["step"] == 2
+    save(manager, 4)  # ... and mirroring goes on
+    assert verify(mirror / "step_0000004").manifest["step"] == 4
+
+
+def test_a_runtime_that_lost_the_mirrors_lease_stops_copying_to_it(tmp_path, caplog):
+    """Issue 27, item 1: the lease is renewed before each copy; once another runtime has
+    taken it over (this one was judged gone), this one's copies stop, its training not."""
+    from stages.common.lease import Lease
+
+    mirror = tmp_path / "drive" / "run" / "checkpoints"
+    lease = Lease(tmp_path / "drive" / "run" / "lease.json", 60, "the mirrored run", "stop one")
+    manager = CheckpointManager(tmp_path / "ck", mirror=mirror, lease=lease.acquire())
+    save(manager, 2)
+    assert verify(mirror / "step_0000002").manifest["step"] == 2
+    other = {"token": "b", "host": "colab-b", "machine": "colab-b/1", "pid": 7, "timeout_s": 60}
+    lease.path.write_text(json.dumps(other | {"renewed": time.time()}))  # took it over
+    with caplog.at_level(logging.ERROR):
+        path = save(manager, 3)
+    assert verify(path).manifest["step"] == 3 and not (mirror / "step_0000003").exists()
+    assert "another runtime took over" in caplog.text
 
 
 def test_saving_the_same_step_again_replaces_it(tmp_path):
@@ -292,6 +444,6 @@ def test_newest_of_local_and_mirror_wins_and_a_broken_mirror_only_warns(tmp_path
     blocked = tmp_path / "not_a_dir"
     blocked.write_text("a file where the mirror folder should be")
     with caplog.at_level(logging.WARNING):
-        path = save(CheckpointManager(tmp_path / "ck", mirror=blocked / "ck"), 7)
+        path = save(CheckpointManager(tmp_path / "ck", mirror=blocked / "ck", mirror_retry_s=0), 7)
     assert verify(path).manifest["step"] == 7
     assert "could not mirror step_0000007" in caplog.text

@@ -7,6 +7,7 @@ newest checkpoint, the mirror, non-finite steps, config changes, a finished run 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from stages.common.config import ConfigError, load_config
 from stages.common.exits import (
     EXIT_CANNOT_RESUME,
     EXIT_CODES,
+    EXIT_DISK_FULL,
     EXIT_ERROR,
     EXIT_NONFINITE,
     EXIT_OK,
@@ -457,6 +460,55 @@ def test_runs_sharing_a_mirror_neither_resume_nor_rotate_each_other(tmp_path, re
     assert_bitwise_equal(final_state(tmp_path / "a"), reference["state"])
 
 
+# Another Colab runtime on the same Drive, reduced to what it does to the mirrored run: it
+# holds the run's lease (renewed by a heartbeat) while it trains.
+HOLD_MIRROR = """
+import sys, time
+from stages.common.run import mirror_lease
+mirror_lease(sys.argv[1], 300.0)
+print("leased", flush=True)
+time.sleep(600)
+"""
+
+
+def test_two_live_runtimes_on_one_mirror_the_second_stops(tmp_path, reference, caplog):
+    """Issue 27, item 1: two live Colab runtimes see the same runs path and upstream
+    exports, so both adopt the same mirrored run, and a local lock does not reach across
+    machines. The mirrored run's lease admits one: the second stops (exit 1) with a message
+    that says what to do and writes nothing to the mirror; once the holder is killed
+    (SIGKILL), a relaunch takes the lease over and resumes from the mirror, bitwise equal."""
+    mirror = tmp_path / "drive"
+    with pytest.raises(ToyCrash):  # the first runtime trained to step 4, then died
+        run(tmp_path / "runs", f"ckpt.mirror='{mirror}'", "toy.crash_at_batch=6")
+    folder = mirrored_run(mirror)
+    shutil.rmtree(tmp_path / "runs")  # a fresh runtime: empty runs/, the same Drive
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_MIRROR, str(folder)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "leased"
+        before = sorted(p.name for p in (folder / "checkpoints").iterdir())
+        with caplog.at_level(logging.ERROR):
+            code, stage = run(tmp_path / "runs", f"ckpt.mirror='{mirror}'")
+        assert code == EXIT_ERROR and not stage.seen  # stopped before the first step
+        assert f"in use by another process (PID {holder.pid} on " in caplog.text
+        assert "Manage sessions" in caplog.text  # what to do
+        assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == before
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    code, stage = run(tmp_path / "runs", f"ckpt.mirror='{mirror}'")
+    assert code == EXIT_OK
+    assert ids(stage.seen) == ids(reference["seen"])[4:]
+    assert_bitwise_equal(final_state(tmp_path / "runs"), reference["state"])
+    assert mirrored_run(mirror) == folder and not (folder / "lease.json").exists()
+
+
 def test_a_second_process_on_the_run_folder_is_refused_naming_the_holder(tmp_path, capsys):
     """Issue 15, item 3: a second terminal (or a re-run Colab cell) on a busy run folder
     exits at once with the holder's PID and touches nothing; the folder is free again when
@@ -498,12 +550,78 @@ def test_exit_codes_are_defined_once_and_the_help_and_readme_state_them_alike():
     assert {int(code): meaning for code, meaning in rows} == EXIT_CODES
 
 
+def test_a_full_disk_stops_the_run_with_its_exit_code_and_loses_nothing(
+    tmp_path, reference, monkeypatch, caplog
+):
+    """Issue 27, item 4: ENOSPC while writing a checkpoint or the export stops the run with
+    exit 5 and a message that says "disk full" and how much was needed; the partial folder
+    is gone, the previous checkpoint stays, and a re-run with space resumes bitwise equal."""
+    import toy_stage
+
+    import stages.common.checkpoint as checkpoint_module
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_write = checkpoint_module.write_tree
+
+    def full_at_step_8(folder, stem, tree):
+        if "step_0000008" in folder.name and stem == "optimizer":
+            no_space()
+        real_write(folder, stem, tree)
+
+    run_dir = tmp_path / "tiny" / "toy"
+    with monkeypatch.context() as patch, caplog.at_level(logging.ERROR):
+        patch.setattr(checkpoint_module, "write_tree", full_at_step_8)
+        code, _ = run(tmp_path)
+    assert code == EXIT_DISK_FULL
+    assert re.search(
+        r"disk full while writing the checkpoint of step 8 .* needs about", caplog.text
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000004"]
+    caplog.clear()
+    with monkeypatch.context() as patch, caplog.at_level(logging.ERROR):
+        patch.setattr(toy_stage, "save_file", no_space)
+        code, _ = run(tmp_path)  # resumes at 4, saves 8, then the export finds the disk full
+    assert code == EXIT_DISK_FULL and "disk full while writing the toy export" in caplog.text
+    assert not (run_dir / "export").exists() and not (run_dir / ".export.tmp").exists()
+    code, _ = run(tmp_path)  # space again: only the export was left to do
+    assert code == EXIT_OK and (run_dir / "export" / "manifest.json").exists()
+    assert_bitwise_equal(final_state(tmp_path), reference["state"])
+
+
+def test_a_stalled_mirror_does_not_hold_the_run_or_its_final_save(tmp_path, monkeypatch, caplog):
+    """Issue 27, item 5: every copy to the mirror blocks (a stalled Drive); the run still
+    ends, on time, with its final checkpoint committed locally and the stall reported."""
+    import stages.common.checkpoint as checkpoint_module
+
+    real_copy, stall = shutil.copyfile, threading.Event()
+
+    def stalled_drive(src, dst, **kwargs):
+        if "drive" in str(dst):
+            stall.wait(60)
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.shutil, "copyfile", stalled_drive)
+    mirror = tmp_path / "drive"
+    try:
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            code, _ = run(tmp_path, f"ckpt.mirror='{mirror}'", "ckpt.mirror_timeout_minutes=0.005")
+        assert code == EXIT_OK and time.monotonic() - start < 30
+    finally:
+        stall.set()
+    assert "has not finished" in caplog.text
+    assert sorted(checkpoints(tmp_path)) == [4, 8]
+    assert (tmp_path / "tiny" / "toy" / "export").exists()
+
+
 # The first process, reduced to what it does to the run folder: the lock beside it.
 HOLD_LOCK = """
 import fcntl, os, sys, time
 os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
 fd = os.open(os.path.join(os.path.dirname(sys.argv[1]), ".toy.lock"), os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.write(fd, f"{os.getpid()}\\n".encode())
 print("locked", flush=True)
 time.sleep(600)

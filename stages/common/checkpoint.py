@@ -12,10 +12,17 @@ Only after a commit are old checkpoints deleted: the last ``keep_last``, the bes
 stage's validation metric and the final one are kept. An optional mirror folder (a mounted
 Drive) receives a verified copy of each commit (copy to a temporary folder, re-read and
 check every sha256, rename) with the same rotation, on a background thread: training goes
-on while it copies; the next save and the end of the run (``wait``) wait for it. ``latest()`` returns the newest valid
-checkpoint of the local folder and the mirror; an unusable newer one (manifest missing,
-sha256 mismatch, unreadable safetensors) is skipped with a warning and renamed
-``step_XXXXXXX.corrupt``, so that rotation never counts it among the newest.
+on while it copies; the next save and the end of the run (``wait``) wait for it, at most
+``mirror_timeout_minutes`` (a stalled mount is reported and skipped, never waited on for
+ever). A failing copy is tried ``MIRROR_TRIES`` times, then reported. A full disk or quota
+during a save removes the partial folder and raises ``files.DiskFull`` (how much was needed
+and is free); the previous checkpoints are untouched.
+
+``latest()`` returns the newest valid checkpoint of the local folder and the mirror; an
+unusable newer one (manifest missing, sha256 mismatch, unreadable safetensors) is skipped
+with a warning and renamed ``step_XXXXXXX.corrupt``, so that rotation never counts it among
+the newest; one that cannot be renamed (a read-only folder) is left in place and rotation
+skips it, and the save just committed is never rotated away.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
-from .files import UnsafeFile, check_member, fsync_path, read_member, sha256_file
+from .files import UnsafeFile, check_member, disk_full, fsync_path, read_member, sha256_file
+from .lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ FORMAT = "minisd-checkpoint/1"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^(?:\.)?step_(\d{7,})(?:\.replaced)?$")
 _STEM = re.compile(r"^[A-Za-z0-9_.-]+$")
+MIRROR_TRIES = 3  # a failing mirror copy is tried this often, then reported (never fatal)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,13 @@ class CheckpointConfig:
     every_minutes: float = 10.0  # wall-clock saves (a Colab runtime dies without a signal); 0 off
     keep_last: int = 2  # plus the best by validation metric and the final one (at least 1)
     mirror: str = ""  # e.g. a mounted Drive: <mirror>/<preset>/<stage>/<run id>/ gets copies
+    # How long the next save (and the end of the run) waits for a mirror copy in flight: a
+    # stalled Drive (FUSE) must not hold training for ever. Past it the run goes on, the
+    # copy is reported and the mirror skipped until it returns.
+    mirror_timeout_minutes: float = 10.0
+    # The mirrored run's lease (two live runtimes on one Drive): renewed every quarter of
+    # this and on each save; one not renewed for this long is taken over.
+    mirror_lease_minutes: float = 5.0
 
 
 class CheckpointError(RuntimeError):
@@ -104,6 +120,17 @@ def join_tree(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
             return {join_tree(k, tensors): join_tree(v, tensors) for k, v in skeleton["__dict__"]}
         return {k: join_tree(v, tensors) for k, v in skeleton.items()}
     return skeleton
+
+
+def tree_bytes(tree: Any) -> int:
+    """About how many bytes ``tree`` takes on disk: its tensors (the JSON is small)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, Mapping):
+        return sum(tree_bytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(tree_bytes(v) for v in tree)
+    return 64
 
 
 def write_tree(folder: Path, stem: str, tree: Any) -> None:
@@ -224,20 +251,27 @@ def keep_set(manifests: Mapping[str, Mapping[str, Any]], keep_last: int) -> set[
     return keep
 
 
-def _rotate(root: Path, keep_last: int) -> None:
-    """Delete committed checkpoints outside ``keep_set`` and stale temporary folders."""
+def _rotate(root: Path, keep_last: int, fresh: str, unusable: Iterable[Path] = ()) -> None:
+    """Delete committed checkpoints outside ``keep_set`` and stale temporary folders.
+
+    ``fresh`` (the save just committed) is always kept, and the ``unusable`` ones (failed
+    verification, could not be set aside) are neither counted nor deleted: a corrupt newer
+    one left in place by a read-only folder must not push the fresh save out."""
+    skip = {Path(p).name for p in unusable if Path(p).parent == root}
     manifests: dict[str, dict[str, Any]] = {}
     for path in root.iterdir():
         if path.name.endswith(".tmp") or (
             path.name.endswith(".replaced") and (root / path.name[1:-9]).exists()
         ):
             shutil.rmtree(path, ignore_errors=True)  # leftovers of an interrupted save
+        elif path.name in skip:
+            continue
         elif path.is_dir() and re.fullmatch(r"step_\d{7,}", path.name):  # not *.corrupt
             try:
                 manifests[path.name] = read_manifest(path)
             except CheckpointError:
                 continue  # not ours to judge here; never deleted, never loaded
-    keep = keep_set(manifests, keep_last)
+    keep = keep_set(manifests, keep_last) | {fresh}
     for name in sorted(set(manifests) - keep):
         shutil.rmtree(root / name, ignore_errors=True)
 
@@ -261,6 +295,13 @@ def set_aside(path: Path) -> Path | None:
     return target
 
 
+def _folder_bytes(folder: Path) -> int:
+    try:
+        return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return 0
+
+
 def _candidates(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
@@ -275,19 +316,48 @@ class CheckpointManager:
     The checkpoint folder must be on a filesystem every rank sees.
     """
 
-    def __init__(self, root: Path, keep_last: int = 2, mirror: Path | None = None):
+    def __init__(
+        self,
+        root: Path,
+        keep_last: int = 2,
+        mirror: Path | None = None,
+        mirror_retry_s: float = 5.0,
+        mirror_timeout_s: float = 600.0,
+        lease: Lease | None = None,
+    ):
         self.root = Path(root)
         self.keep_last = keep_last
         self.mirror = Path(mirror) if mirror else None
+        self.retry_s = mirror_retry_s  # the pause before a failed copy's next try (x attempt)
         # The mirror copy of the newest checkpoint runs on this thread, off the training
         # loop (a Drive copy of a large checkpoint takes minutes); ``wait`` joins it.
         self._copy: threading.Thread | None = None
+        self.mirror_timeout_s = mirror_timeout_s
+        self.lease = lease  # the mirror's: renewed before each copy, which stops once it is lost
+        self._stalled: threading.Thread | None = None  # a copy given up on, maybe still blocked
+        # Checkpoints ``latest`` found unusable and could not set aside (a read-only folder):
+        # rotation neither counts nor deletes them.
+        self._unusable: set[Path] = set()
 
-    def wait(self) -> None:
-        """Block until the mirror copy in flight (if any) has finished."""
-        if self._copy is not None:
-            self._copy.join()
-            self._copy = None
+    def wait(self) -> bool:
+        """Wait for the mirror copy in flight (if any), at most ``mirror_timeout_s``; False
+        when it did not finish (a stalled mirror: it is reported and left behind, on a
+        daemon thread that cannot hold the process's exit)."""
+        if self._copy is None:
+            return True
+        copy, self._copy = self._copy, None
+        copy.join(self.mirror_timeout_s)
+        if not copy.is_alive():
+            return True
+        self._stalled = copy
+        log.error(
+            "the mirror copy to %s has not finished after %.0f s (a stalled mount?): going on "
+            "without it; the local checkpoint is committed, and the mirror is skipped until "
+            "that copy returns",
+            self.mirror,
+            self.mirror_timeout_s,
+        )
+        return False
 
     def save(
         self,
@@ -321,24 +391,34 @@ class CheckpointManager:
         tmp = self.root / f".{final.name}.tmp"
         error: BaseException | None = None
         try:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-        except Exception as err:  # every rank learns of it at the meeting point
-            error = err
-        meet(error)
-        try:
-            for stem, tree in per_rank.items():
-                write_tree(tmp, stem, tree)
-        except Exception as err:
-            error = err
-        meet(error)
-        try:
-            if rank == 0:
-                self._commit_shared(step, tmp, final, shared, info)
-        except Exception as err:
-            error = err
-        meet(error)
+            try:
+                if rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+            except Exception as err:  # every rank learns of it at the meeting point
+                error = err
+            meet(error)
+            try:
+                for stem, tree in per_rank.items():
+                    write_tree(tmp, stem, tree)
+            except Exception as err:
+                error = err
+            meet(error)
+            try:
+                if rank == 0:
+                    self._commit_shared(step, tmp, final, shared, info)
+            except Exception as err:
+                error = err
+            meet(error)
+        except OSError as err:
+            # A full disk or quota: the partial folder goes (freeing what it took), the
+            # previous checkpoints were not touched (rotation runs only after a commit).
+            shutil.rmtree(tmp, ignore_errors=True)
+            needed = tree_bytes(shared) + tree_bytes(per_rank)
+            full = disk_full(err, f"the checkpoint of step {step}", self.root, needed)
+            if full is None:
+                raise
+            raise full from err
         return final
 
     def _commit_shared(
@@ -364,15 +444,63 @@ class CheckpointManager:
             os.fsync(f.fileno())
         fsync_path(tmp)
         _commit(tmp, final)
-        _rotate(self.root, self.keep_last)
-        if self.mirror is not None:
+        _rotate(self.root, self.keep_last, final.name, self._unusable)
+        if self.mirror is not None and self._stalled is not None and self._stalled.is_alive():
+            log.warning("%s not mirrored: the mirror %s is still stalled", final.name, self.mirror)
+        elif self.mirror is not None:
+            self._stalled = None
             self._copy = threading.Thread(
-                target=self._copy_to_mirror, args=(final, manifest), name="mirror-copy"
+                target=self._copy_to_mirror,
+                args=(final, manifest),
+                name="mirror-copy",
+                daemon=True,  # a copy blocked in a stalled mount must not hold the exit
             )
             self._copy.start()
 
     def _copy_to_mirror(self, src: Path, manifest: Mapping[str, Any]) -> None:
-        """Copy, re-read and verify, rename; a failing mirror warns and never stops training."""
+        """``_copy_once``, tried ``MIRROR_TRIES`` times; a failing mirror is reported (an
+        error in the log) and never stops training: the local checkpoint is committed."""
+        assert self.mirror is not None
+        if self.lease is not None:
+            try:
+                if not self.lease.renew():
+                    log.error(
+                        "%s not mirrored: another runtime took over %s (this one was judged "
+                        "gone); stop one of the two",
+                        src.name,
+                        self.mirror,
+                    )
+                    return
+            except OSError as err:
+                log.warning("could not renew the mirror's lease: %s", err)
+        for attempt in range(1, MIRROR_TRIES + 1):
+            try:
+                self._copy_once(src, manifest)
+                return
+            except (OSError, CheckpointError) as err:
+                if attempt < MIRROR_TRIES:
+                    log.warning(
+                        "could not mirror %s to %s (%s): trying again in %.0f s",
+                        src.name,
+                        self.mirror,
+                        err,
+                        self.retry_s * attempt,
+                    )
+                    time.sleep(self.retry_s * attempt)
+                    continue
+                needed = _folder_bytes(src)
+                err = disk_full(err, f"the mirror copy of {src.name}", self.mirror, needed) or err
+                log.error(
+                    "could not mirror %s to %s after %d tries: %s; training goes on, the "
+                    "local checkpoint is kept",
+                    src.name,
+                    self.mirror,
+                    MIRROR_TRIES,
+                    err,
+                )
+
+    def _copy_once(self, src: Path, manifest: Mapping[str, Any]) -> None:
+        """Copy, re-read and verify, rename; a partial copy is removed."""
         assert self.mirror is not None
         dst = self.mirror / src.name
         tmp = self.mirror / f".{src.name}.tmp"
@@ -389,10 +517,10 @@ class CheckpointManager:
             fsync_path(tmp / MANIFEST)
             fsync_path(tmp)
             _commit(tmp, dst)
-            _rotate(self.mirror, self.keep_last)
-        except (OSError, CheckpointError) as err:
+            _rotate(self.mirror, self.keep_last, dst.name, self._unusable)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            log.warning("could not mirror %s to %s: %s", src.name, self.mirror, err)
+            raise
 
     def roots(self) -> Iterable[Path]:
         yield self.root
@@ -426,7 +554,8 @@ class CheckpointManager:
             if problems:
                 log.warning("resuming from the previous valid checkpoint %s", path)
             for bad in unusable:  # only beside a valid one: else a re-run would start over
-                set_aside(bad)
+                if set_aside(bad) is None:
+                    self._unusable.add(bad)
             return checkpoint
         if problems:
             raise CheckpointError(

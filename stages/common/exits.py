@@ -20,13 +20,15 @@ EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_CANNOT_RESUME = 3
 EXIT_NONFINITE = 4
+EXIT_DISK_FULL = 5
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again
 EXIT_ABORTED = 130
 
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "trained, or already trained and exported (nothing to do)",
     EXIT_ERROR: "an unexpected error (traceback printed); a missing or mismatched upstream "
-    "export or data folder; the run folder in use by another process (its PID named); "
+    "export or data folder; the run folder, or its mirrored run (another live runtime on the "
+    "same Drive), in use by another process (its PID named); "
     "another process failing during a save",
     EXIT_CONFIG: "bad config, preset or override (the key is named)",
     EXIT_CANNOT_RESUME: "cannot resume: config keys that break resume changed (named), the "
@@ -34,6 +36,9 @@ EXIT_CODES: dict[int, str] = {
     EXIT_NONFINITE: "stopped after train.max_consecutive_skips non-finite steps in a row, or "
     "the weights became non-finite (never saved nor exported: the last checkpoint stays the "
     "newest); lower optim.lr or fix the data and re-run",
+    EXIT_DISK_FULL: "disk full (or quota exceeded) while writing a checkpoint or the export: "
+    "the message says how much was needed and is free; the partial folder was removed and the "
+    "previous checkpoint is kept; free some space and re-run to resume",
     EXIT_PREEMPTED: "preempted (SIGTERM/SIGINT/SIGHUP): a checkpoint was saved at the step "
     "boundary; re-run the same command to resume",
     EXIT_ABORTED: "a second Ctrl-C: stopped at once, without saving",

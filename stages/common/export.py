@@ -28,6 +28,7 @@ from .config import to_dict
 from .files import (
     UnsafeFile,
     check_member,
+    disk_full,
     fsync_path,
     open_member,
     read_member,
@@ -77,6 +78,35 @@ def write_export(
     """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
+    try:
+        return _write_export(
+            folder, tmp, stage, weights, config, info, upstream, extra_files, extra_tensors
+        )
+    except OSError as err:
+        # A full disk or quota: the partial folder goes, the previous export stays in place.
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed = sum(t.numel() * t.element_size() for t in weights.values())
+        needed += sum(Path(p).stat().st_size for p in (extra_files or {}).values())
+        needed += sum(
+            t.numel() * t.element_size() for g in (extra_tensors or {}).values() for t in g.values()
+        )
+        full = disk_full(err, f"the {stage} export", folder, needed)
+        if full is None:
+            raise
+        raise full from err
+
+
+def _write_export(
+    folder: Path,
+    tmp: Path,
+    stage: str,
+    weights: Mapping[str, torch.Tensor],
+    config: Any,
+    info: Mapping[str, Any] | None,
+    upstream: Mapping[str, str] | None,
+    extra_files: Mapping[str, Path] | None,
+    extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None,
+) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}

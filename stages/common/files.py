@@ -1,5 +1,8 @@
 """Files written and read safely: atomic JSON, fsync, sha256, and the files a manifest names.
 
+A write that finds the disk full (ENOSPC, or EDQUOT: a quota) becomes ``DiskFull``, whose
+message says so and how much was needed and free (``disk_full``).
+
 Writers go through a temporary name, fsync and a rename (``write_json_atomic``), so readers
 never see half a file and after a crash the folder holds the new file or the old one. Readers
 of exports and checkpoints open only plain file names of regular files inside the folder
@@ -13,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 from typing import IO, Any
@@ -100,3 +104,34 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)  # the rename itself is durable only once its folder is
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFull(OSError):
+    """A write found the disk full or the quota used up; the message says how much was
+    needed and how much is free."""
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def disk_full(err: BaseException, what: str, where: Path, needed: int) -> DiskFull | None:
+    """``err`` as a ``DiskFull`` naming ``what`` was written to ``where`` and the ``needed``
+    bytes against the free ones; None when ``err`` is not a full disk or quota."""
+    if not isinstance(err, OSError) or err.errno not in DISK_FULL_ERRNOS:
+        return None
+    if isinstance(err, DiskFull):
+        return err
+    try:
+        existing = next(p for p in (where, *where.parents) if p.exists())
+        free = _size(shutil.disk_usage(existing).free)
+    except (OSError, StopIteration):
+        free = "an unknown amount"
+    return DiskFull(
+        err.errno,
+        f"disk full while writing {what} to {where} ({err.strerror or os.strerror(err.errno)}): "
+        f"it needs about {_size(needed)} and {free} is free there",
+    )

@@ -16,6 +16,11 @@ of a machine shares them (renames are atomic). Past ``max_bytes`` the least rece
 shards are deleted (a reader that has one open keeps reading it). ``prefetch`` fetches the
 shards of the next batches on background threads, ahead of the reader.
 
+Credentials come from the back end's own places (``CREDENTIALS``: for ``s3://`` the AWS
+variables or profile, for ``gs://`` Google's); a refused access says which to check, and no
+message or log line holds a secret (``redact``: the secret variables' values, a presigned
+URL's signature).
+
 The cache folder and its limit are one per process: ``configure`` (the stage CLI calls it
 with ``data.shard_cache``, ``data.shard_cache_gb`` and ``data.prefetch_shards``).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,14 +66,55 @@ def _fs_open(url: str, mode: str = "rb"):
     return fsspec.open(url, mode, **options).open()
 
 
+# Environment variables whose values are secrets: never in a message or a log line.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+# Where each back end looks for credentials, for the message of a refused access.
+CREDENTIALS = {
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE / ~/.aws/credentials; "
+    "AWS_ENDPOINT_URL_S3 for another S3 server",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS, or gcloud auth application-default login",
+}
+_REFUSED = re.compile(
+    r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|ExpiredToken|"
+    r"InvalidToken|NoCredentials|Unable to locate credentials|\b40[13]\b"
+)
+_SIGNED = re.compile(
+    r"([?&](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|"
+    r"X-Goog-Credential|Signature|sig|token)=)[^&\s'\"]+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` without secrets: the values of ``SECRET_ENV`` and the signatures and tokens
+    of a presigned URL's query string."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 8:
+            text = text.replace(value, "***")
+    return _SIGNED.sub(r"\1***", text)
+
+
+def describe(err: BaseException, url: str) -> str:
+    """A back end's error, readable and without secrets; a refused access says which
+    credentials to check."""
+    text = f"{type(err).__name__}: {err}"
+    if isinstance(err, PermissionError) or _REFUSED.search(text):
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        where = CREDENTIALS.get(scheme, "the credentials of this back end")
+        text += f" (access refused: check the credentials: {where})"
+    return redact(text)
+
+
 def read_text(url: str) -> str:
     try:
         with _fs_open(url, "rb") as f:
             return f.read().decode()
-    except FileNotFoundError as err:
-        raise ManifestError(f"{url} does not exist") from err
+    except FileNotFoundError:
+        raise ManifestError(f"{redact(url)} does not exist") from None
     except Exception as err:  # network back ends raise their own types
-        raise ManifestError(f"cannot read {url}: {type(err).__name__}: {err}") from err
+        # ``from None``: the back end's exception (and its arguments) stays out of the trace.
+        raise ManifestError(f"cannot read {redact(url)}: {describe(err, url)}") from None
 
 
 @dataclass(frozen=True)
@@ -185,12 +232,18 @@ class ShardCache:
                     self.fetched += 1
                     self._evict(keep=path)
                     return path
+            except PermissionError as err:  # trying again will not help
+                raise ShardUnavailable(
+                    f"cannot fetch shard {redact(url)}: {describe(err, url)}"
+                ) from None
             except Exception as err:  # network back ends raise their own types
-                problem = f"{type(err).__name__}: {err}"
+                problem = describe(err, url)
             finally:
                 tmp.unlink(missing_ok=True)
-            log.warning("fetching %s failed (try %d of %d): %s", url, attempt, RETRIES, problem)
-        raise ShardUnavailable(f"cannot fetch shard {url} after {RETRIES} tries: {problem}")
+            log.warning(
+                "fetching %s failed (try %d of %d): %s", redact(url), attempt, RETRIES, problem
+            )
+        raise ShardUnavailable(f"cannot fetch shard {redact(url)} after {RETRIES} tries: {problem}")
 
     def _evict(self, keep: Path) -> None:
         """Delete least recently used shards until the folder fits ``max_bytes``."""

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,17 +49,20 @@ from .ema import EMA
 from .exits import (
     EXIT_ABORTED,
     EXIT_CANNOT_RESUME,
+    EXIT_DISK_FULL,
+    EXIT_ERROR,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
     Preemption,
 )
-from .files import write_json_atomic
+from .files import DiskFull, disk_full, write_json_atomic
 from .finetune import INIT_FILE, freeze, load_init
+from .lease import Lease, LeaseHeld
 from .log import MetricsLog, available_trackers, flat_config, progress_bar
 from .optim import apply_hyperparameters, lr_at, make_optimizer, set_lr
 from .resume import ResumeError, check_resumable, choose_checkpoint
-from .run import IDENTITY_FILE, UPSTREAM_FILE, run_identity
+from .run import IDENTITY_FILE, UPSTREAM_FILE, mirror_lease, run_identity
 from .seeding import derive_seed, preserve_rng, rng_state, seed_all, set_rng_state
 from .stage import RunContext, Stage
 
@@ -188,10 +192,15 @@ class Trainer:
         self.last_save = 0.0  # time.monotonic(); the loop starts the wall clock
         self.last_log = (0.0, 0)  # (time.monotonic(), step) of the last train log line
         mirror = None
+        self.lease: Lease | None = None  # the mirrored run's, held by the main rank
         if self.is_main:  # only the main rank finds, commits and mirrors checkpoints
             mirror = self._mirror_folder(ctx)
         self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints", keep_last=cfg.ckpt.keep_last, mirror=mirror
+            self.run_dir / "checkpoints",
+            keep_last=cfg.ckpt.keep_last,
+            mirror=mirror,
+            mirror_timeout_s=60 * cfg.ckpt.mirror_timeout_minutes,
+            lease=self.lease,
         )
 
     def _mirror_folder(self, ctx: RunContext) -> Path | None:
@@ -202,6 +211,11 @@ class Trainer:
         if base is None:
             return None
         folder = base / identity["id"]
+        # Before anything is written there: a second live runtime on the same Drive stops.
+        try:
+            self.lease = mirror_lease(folder, 60 * self.cfg.ckpt.mirror_lease_minutes)
+        except OSError as err:  # an unwritable mirror: its copies will warn, as ever
+            log.warning("could not take the lease of the mirror %s: %s", folder, err)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             write_json_atomic(folder / IDENTITY_FILE, identity)
@@ -535,8 +549,23 @@ class Trainer:
     def export(self) -> None:
         self._check_finite("export")
         if self.is_main:
-            with torch.no_grad(), _eval(self.raw):
-                self.stage.export(self._eval_modules(), self.run_dir / "export")
+            folder = self.run_dir / "export"
+            try:
+                with torch.no_grad(), _eval(self.raw):
+                    self.stage.export(self._eval_modules(), folder)
+            except OSError as err:
+                # Stages build the export aside (``.export.tmp``): a full disk leaves no part
+                # of it, and the previous export, if any, in place.
+                shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
+                needed = sum(
+                    t.numel() * t.element_size()
+                    for m in self._eval_modules().values()
+                    for t in m.state_dict().values()
+                )
+                full = disk_full(err, f"the {self.stage.name} export", folder, needed)
+                if full is None:
+                    raise
+                raise full from err
             write_json_atomic(self.run_dir / "exported.json", {"step": self.step})
             log.info("exported to %s", self.run_dir / "export")
         self.accelerator.wait_for_everyone()
@@ -566,10 +595,22 @@ def train(stage: Stage, ctx: RunContext) -> int:
         except NonFiniteWeights as err:
             log.error("stopping: %s", err)
             return EXIT_NONFINITE
+        except LeaseHeld as err:
+            log.error("stopping: %s", err)
+            return EXIT_ERROR
+        except DiskFull as err:
+            log.error(
+                "stopping: %s. The partial folder was removed and the previous checkpoint is "
+                "kept: free some space (or lower ckpt.keep_last) and re-run to resume",
+                err,
+            )
+            return EXIT_DISK_FULL
         except KeyboardInterrupt as err:
             log.error("interrupted: %s", err or "stopped without saving")
             return EXIT_ABORTED
         finally:
             if trainer is not None:
                 trainer.checkpoints.wait()  # a mirror copy in flight finishes before exit
+                if trainer.lease is not None:
+                    trainer.lease.release()
                 trainer.accelerator.end_training()
