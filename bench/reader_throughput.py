@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from synthetic import make_shards  # noqa: E402
 
-from stages.common import data  # noqa: E402
+from stages.common import data, shard_index  # noqa: E402
 
 # resolution -> train samples written (enough for several timed batches without repeats)
 SIZES = {64: 4000, 512: 600}
@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     for resolution in SIZES:
         split = shards_at(args.root, resolution)
-        data._INDEX_CACHE.clear()
+        shard_index._INDEX_CACHE.clear()
         started = time.perf_counter()
         index = data.load_index(split)
         print(

@@ -11,14 +11,17 @@ training from it at 10k and 100k samples, and shards over HTTP vs local files.
 - **Memory**: synthetic caches of the tiny UNet's fields (latent mean and std 4x8x8 fp32,
   text states 32x128 fp16, mask, pooled: 9.3 KB a sample) with 10k and 100k samples, read by
   a fresh process through ``CachedRows`` (memory-mapped) and, for comparison, through an
-  in-RAM copy (what the old caches did), for ``STEPS`` batches of 64 with a small model's
+  in-RAM copy (what the old caches did) or, with ``--modes mmap,safe_open``, through
+  safetensors' own ``safe_open``/``get_slice`` (the alternative the cache measured and did not
+  take: stages/common/cache.py), for ``STEPS`` batches of 64 with a small model's
   training step on each. Reported from /proc/self/status at the end: RssAnon (the process's
   own memory) and RssFile (mapped file pages: page cache, shared and reclaimable).
 - **Remote**: ``bench/reader_throughput.py``'s 64 px shards served by ``python -m
   http.server`` on 127.0.0.1, read by ``ShardLoader`` from the folder, from the URL with an
   empty shard cache (every shard fetched on the way) and again with it filled; each step
   waits for its batch then computes for ~20 ms (a matmul), so prefetching can overlap.
-  *Data wait* is the median time a step spends in ``next(loader)``.
+  *Data wait* is the median time a step spends in ``next(loader)`` (memory: and its mean CPU
+  time, which a shared machine's load leaves out).
 """
 
 from __future__ import annotations
@@ -203,6 +206,53 @@ class _InMemory(torch.utils.data.Dataset):
         return {n: t[rows] for n, t in self.tensors.items()}
 
 
+def _safe_open_rows(folder: Path, index: dict):
+    """``CachedRows`` reading through safetensors' own memory-mapped access instead of numpy
+    views of the file: one ``safe_open`` handle per shard file, each row a ``get_slice`` (it
+    takes slices, not index arrays, so a shuffled batch is one call per row and tensor)."""
+    from safetensors import safe_open
+
+    from stages.common.cache import MAX_OPEN, TEXT_FIELDS, TEXT_TENSORS, CachedRows
+
+    class SafeOpenRows(CachedRows):
+        def _shard(self, number: int):
+            handle = self._maps.get(number)
+            if handle is None:
+                while len(self._maps) >= MAX_OPEN:
+                    self._maps.popitem(last=False)
+                path = str(self.folder / self.names[number])
+                handle = self._maps[number] = safe_open(path, framework="pt")
+            self._maps.move_to_end(number)
+            return handle
+
+        def __getitems__(self, indices: list[int]) -> dict:
+            shards, local = self._locate(indices)
+            out: dict = {}
+            strings = {name: [""] * len(indices) for name in TEXT_FIELDS}
+            for number in torch.unique(torch.as_tensor(shards)).tolist():
+                where = torch.nonzero(torch.as_tensor(shards) == number)[:, 0]
+                handle, rows = self._shard(number), local[where.numpy()].tolist()
+                for name in handle.keys():
+                    if name in TEXT_TENSORS:
+                        continue
+                    view = handle.get_slice(name)
+                    block = torch.cat([view[r : r + 1] for r in rows])
+                    if name not in out:
+                        out[name] = torch.empty((len(indices), *block.shape[1:]), dtype=block.dtype)
+                    out[name][where] = block
+                for name in TEXT_FIELDS:
+                    data, offsets = (
+                        handle.get_slice(f"{name}_bytes"),
+                        handle.get_slice(f"{name}_offsets"),
+                    )
+                    for at, row in zip(where.tolist(), rows):
+                        begin, end = offsets[row : row + 2].tolist()
+                        strings[name][at] = bytes(data[begin:end].numpy()).decode()
+            return {**out, **strings, "skipped": 0}
+
+    return SafeOpenRows(folder, index)
+
+
 def _rss_child(folder: str, mode: str, steps: str) -> dict:
     from stages.common.cache import CachedRows, cached_batches, read_index
     from stages.common.data import ResumableBatches
@@ -212,6 +262,8 @@ def _rss_child(folder: str, mode: str, steps: str) -> dict:
     index = read_index(Path(folder))
     if mode == "mmap":
         loader = cached_batches(CachedRows(Path(folder), index), BATCH, 0, 0, 1)
+    elif mode == "safe_open":
+        loader = cached_batches(_safe_open_rows(Path(folder), index), BATCH, 0, 0, 1)
     else:
         data = _InMemory(Path(folder), index)
         loader = ResumableBatches(data, BATCH, collate_fn=lambda b: b)
@@ -220,11 +272,12 @@ def _rss_child(folder: str, mode: str, steps: str) -> dict:
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = iter(loader)
-    waits, first = [], None
+    waits, cpu, first = [], [], None
     for step in range(int(steps)):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         batch = next(batches)
         waits.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)  # what a shared machine's load leaves out
         x = (
             batch["latent_mean"] + batch["latent_std"] * torch.randn_like(batch["latent_std"])
         ).flatten(1)
@@ -235,7 +288,12 @@ def _rss_child(folder: str, mode: str, steps: str) -> dict:
         optimizer.zero_grad()
         if step == 10:
             first = _status()
-    return {"first": first, "last": _status(), "wait_ms": statistics.median(waits) * 1e3}
+    return {
+        "first": first,
+        "last": _status(),
+        "wait_ms": statistics.median(waits) * 1e3,
+        "cpu_ms": statistics.mean(cpu[10:] or cpu) * 1e3,
+    }
 
 
 def memory_figures(
@@ -247,7 +305,11 @@ def memory_figures(
         for mode in modes:
             got = _child("--rss-child", str(folder), mode, str(steps))
             last, first = got["last"], got["first"]
-            what = "memory-mapped cache" if mode == "mmap" else "in-RAM copy (old path)"
+            what = {
+                "mmap": "memory-mapped cache",
+                "safe_open": "safetensors safe_open + get_slice",
+                "ram": "in-RAM copy (old path)",
+            }[mode]
             out.append(
                 Figure(
                     f"RSS per rank, {samples // 1000}k cached samples, {what}",
@@ -255,7 +317,7 @@ def memory_figures(
                     "MiB RssAnon",
                     f"RssFile {last['RssFile']:.0f} MiB, VmHWM {last['VmHWM']:.0f} MiB after "
                     f"{steps} steps of {BATCH} (RssAnon {first['RssAnon']:.0f} at step 10); "
-                    f"data wait {got['wait_ms']:.2f} ms/step",
+                    f"data wait {got['wait_ms']:.2f} ms/step ({got['cpu_ms']:.2f} ms CPU)",
                 )
             )
     return out
@@ -353,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="build,memory,remote")
-    parser.add_argument("--modes", default="mmap,ram", help="memory: mmap and/or ram")
+    parser.add_argument("--modes", default="mmap,ram", help="memory: mmap, safe_open, ram")
     parser.add_argument("--samples", type=int, default=1536, help="build: samples encoded")
     args = parser.parse_args(argv)
     parts = args.only.split(",")

@@ -10,7 +10,7 @@ CLI prints it, the server answers 422) that names the limit:
 - bytes that do not decode in full (truncated or corrupt).
 
 The EXIF orientation is applied; resizing to the model's resolution is the pipeline's
-(``stages.common.data.image_tensor``, as training). ``decode_data_uri`` reads the server's
+(``stages.common.decode.image_tensor``, as training). ``decode_data_uri`` reads the server's
 JSON field: a ``data:image/...;base64,`` URI or bare base64.
 """
 

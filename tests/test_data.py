@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from stages.common import data as data_module
+from stages.common import dataset as dataset_module
 from stages.common import images as images_module
 from stages.common.data import (
     DataConfig,
@@ -117,7 +117,7 @@ def test_open_shards_are_bounded_and_an_unopenable_shard_is_an_error(
 ):
     """Issue 15, item 10: one descriptor per shard, for ever, ran out of descriptors on a
     big data set; every later sample then failed to open and was skipped as corrupt."""
-    monkeypatch.setattr(data_module, "MAX_OPEN_SHARDS", 2, raising=False)
+    monkeypatch.setattr(dataset_module, "MAX_OPEN_SHARDS", 2)
     dataset = ShardDataset(load_index(tiny_shards / "train"), resolution=16)  # 5 shards
     before = open_descriptors()
     keys = [dataset[i]["key"] for i in range(len(dataset))]  # crosses every shard
@@ -242,9 +242,9 @@ def test_two_ranks_resumed_cover_every_sample_once_per_epoch(tiny_shards):
 
 def test_resume_does_not_decode_skipped_samples(tiny_shards, monkeypatch):
     calls = []
-    decode = data_module.decode_image
+    decode = dataset_module.decode_image
     monkeypatch.setattr(
-        data_module, "decode_image", lambda data, res: calls.append(1) or decode(data, res)
+        dataset_module, "decode_image", lambda data, res: calls.append(1) or decode(data, res)
     )
     reads = []
     read = ShardDataset._read

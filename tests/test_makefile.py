@@ -6,6 +6,7 @@ Makefile asks for the preset's facts (``stages/unet/make_facts.py``)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,3 +129,25 @@ def test_an_unknown_preset_is_named_with_the_known_ones(tmp_path):
     )
     assert result.returncode != 0
     assert "unknown preset 'nope'" in result.stderr and "tiny" in result.stderr
+
+
+@pytest.mark.skipif(MAKE is None, reason="make is not installed")
+def test_help_lists_every_target_and_variable_with_a_line_each(tmp_path):
+    """From the Makefile's own `## ` comments; it needs no virtual environment (none is made)."""
+    result = subprocess.run(
+        [MAKE, "-C", str(REPO), "--no-print-directory", "help", f"VENV={tmp_path / 'none'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "none").exists()
+    makefile = (REPO / "Makefile").read_text()
+    targets = re.search(r"^\.PHONY:(.*)$", makefile, flags=re.M).group(1).split()
+    variables = re.findall(r"^([A-Z_]+)\s*\?=", makefile, flags=re.M)
+    listed = {}
+    for line in result.stdout.splitlines():
+        if match := re.match(r"^  (\S+) +(\S.*)$", line):
+            listed[match.group(1)] = match.group(2)
+    assert set(targets) | set(variables) <= set(listed), result.stdout
+    assert len(variables) >= 10 and "PRESET" in variables and "bench" in targets

@@ -539,11 +539,11 @@ def test_a_second_process_on_the_run_folder_is_refused_naming_the_holder(tmp_pat
 
 def test_exit_codes_are_defined_once_and_the_help_and_readme_state_them_alike():
     """exits.EXIT_CODES is the one definition: --help prints each code with its meaning and
-    the README's table lists exactly the same codes and words."""
+    the table of docs/resume.md lists exactly the same codes and words."""
     help_text = " ".join(build_parser("toy").format_help().split())
     for code, meaning in EXIT_CODES.items():
         assert f" {code} {meaning}" in help_text
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "resume.md").read_text()
     table = readme[readme.index("Exit codes (defined in `stages/common/exits.py`") :]
     table = table[: table.index("\n\n", table.index("| code |"))]
     rows = re.findall(r"^\| (\d+) \| (.+) \|$", table, flags=re.MULTILINE)

@@ -3,8 +3,8 @@
 Captions in the img2dataset layout here read ``"name, tag, tag; style"`` (the emoji data:
 ``"red heart, love, emotion; flat colour emoji"``), while people type ``"red heart"``. A
 text encoder and a UNet trained only on the full form never see the short one, so at
-inference it lands between training captions (measured: README, "Images that follow the
-prompt"). Each training caption is therefore rewritten per step:
+inference it lands between training captions (measured: docs/measurements.md,
+"Images that follow the prompt"). Each training caption is therefore rewritten per step:
 
 - with probability ``name_only`` it is the name alone (the first comma-separated part);
 - otherwise each tag is kept with probability ``keep_tag``;

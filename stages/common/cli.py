@@ -3,7 +3,8 @@
 Each stage's ``__main__`` is ``raise SystemExit(run_stage("vae", VAEStageConfig, VAEStage))``.
 The config is defaults <- ``configs/<preset>/<name>.toml`` <- ``section.key=value``
 overrides (``--data X`` is the override ``data.path=X``); ``--dry-run`` prints it and exits.
-Otherwise the run folder ``<runs>/<preset>/<name>/`` is locked (a second process on it is
+Otherwise a GPU preset started without CUDA says what a CPU step costs (``cpu_warning.py``),
+the run folder ``<runs>/<preset>/<name>/`` is locked (a second process on it is
 refused at once, naming the holder), the stage is built (which moves a run folder trained on
 other upstream exports aside), the resolved config goes to its ``config.json`` and the stage
 is handed to the shared trainer, whose exit code is returned (``exits.py``).
@@ -23,6 +24,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from .config import CONFIGS_DIR, ConfigError, dumps, load_config, save_json
+from .cpu_warning import cpu_warning
 from .exits import EXIT_ABORTED, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, describe_exit_codes
 from .export import ExportError
 from .log import setup_console_logging
@@ -84,6 +86,12 @@ def run_stage(
     group = loop.process_group_kwargs() if hasattr(loop, "process_group_kwargs") else {}
     state = PartialState(cpu=force_cpu(), **group)
     setup_console_logging(state.is_main_process)
+    if state.is_main_process and state.device.type == "cpu" and loop is not None:
+        # Before the stage is built: building may encode a cache, the first of the long waits.
+        cache = getattr(config, "cache", None)
+        warning = cpu_warning(args.preset, name, loop.max_steps, getattr(cache, "enabled", False))
+        if warning:
+            log.warning(warning)
     ctx = RunContext(Path(args.runs), args.preset, name, state.device)
     lock = RunLock(ctx.run_dir)
     busy: list[str | None] = [None]

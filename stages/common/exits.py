@@ -1,7 +1,7 @@
 """How a stage's process ends: its exit codes (defined here once) and the stop signals.
 
 ``EXIT_CODES`` is the one statement of what each code means: ``cli.EPILOG`` (``--help``) is
-generated from it and a test holds the README's table to it. ``Preemption`` turns SIGTERM,
+generated from it and a test holds the table of docs/resume.md to it. ``Preemption`` turns SIGTERM,
 SIGINT and SIGHUP into a flag the trainer checks at each step boundary (save, then exit 75).
 """
 

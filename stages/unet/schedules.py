@@ -3,7 +3,8 @@
 Every objective is a Gaussian path; each schedule maps the time the network sees, ``u``
 (u = 1 is the noise end), to (alpha, sigma):
 
-- ``FlowSchedule``: alpha = 1 - u, sigma = u (rectified flow; the project's convention, README).
+- ``FlowSchedule``: alpha = 1 - u, sigma = u (rectified flow; the project's convention,
+  docs/contributing.md).
 - ``DiscreteVP``: DDPM's T-step variance-preserving chain (Ho et al. 2020), u = k / T for
   k = 1..T, alpha_bar_k = prod_{i<=k} (1 - beta_i), alpha = sqrt(alpha_bar),
   sigma = sqrt(1 - alpha_bar); betas linear (1e-4 .. 0.02) or cosine (Nichol & Dhariwal

@@ -3,8 +3,8 @@
 An autoencoder's target is its input, so augmenting the batch once augments both. Flips are
 off by default: emoji and text are not mirror-symmetric. A random hue rotation shows the VAE
 every colour equally often (a data set of mostly yellow faces has little green or purple);
-off by default: in a 500-step tiny run it made every colour worse (README, "Images that
-follow the prompt"), a longer run may differ. The UNet and CLIP never see augmented images.
+off by default: in a 500-step tiny run it made every colour worse (docs/measurements.md,
+"Images that follow the prompt"), a longer run may differ. The UNet and CLIP never see augmented images.
 Randomness comes from torch's global generator, which the trainer checkpoints, so resume stays exact.
 """
 

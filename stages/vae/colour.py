@@ -5,7 +5,7 @@ regression (Saxe et al. 2014: a deep linear network learns each mode in a time i
 proportional to its strength). In emoji the three principal directions of the RGB
 covariance carry variance 0.96 (lightness), 0.10 (yellow-blue) and 0.022 (green-magenta, the
 CIELAB a* axis): a 500-step VAE with an L1 or MSE loss had not learned the last one at all,
-so greens came back yellow and purples grey (README, "Images that follow the prompt").
+so greens came back yellow and purples grey (docs/measurements.md, "Images that follow the prompt").
 
 ``whitening(cov)`` is ``W = U diag(sqrt(lambda_max / lambda_i)) U^T`` for the covariance's
 eigen-decomposition ``U diag(lambda) U^T``: it keeps the strongest direction's scale and

@@ -234,7 +234,7 @@ class VAELoss:
             out["mse"] = mse.detach()
         if cfg.chroma_weight > 0:
             # L1 of CIELAB (a*, b*) / 100: the colour, apart from lightness. RGB L1 learns the
-            # data's rare colour directions last (green-magenta in emoji: README).
+            # data's rare colour directions last (green-magenta in emoji: docs/measurements.md).
             chroma = (to_lab(recon)[:, 1:] - to_lab(x)[:, 1:]).abs().mean() / 100
             nll = nll + cfg.chroma_weight * chroma
             out["chroma"] = chroma.detach()
