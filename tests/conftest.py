@@ -5,7 +5,9 @@ are built once and shared read-only: a test that changes one works on a copy
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,21 @@ def pixel_clips(pixel_shards, tmp_path_factory) -> dict[int, Path]:
     for size, folder in folders.items():
         write_pixel_clip(folder, pixel_shards, size)
     return folders
+
+
+@pytest.fixture
+def stalled_drive(monkeypatch) -> threading.Event:
+    """Every checkpoint copy into a folder named "drive" blocks (a stalled FUSE mount) until
+    the returned event is set (the mount comes back), at most 60 s; other copies go on."""
+    import stages.common.checkpoint as checkpoint_module
+
+    real_copy, stall = shutil.copyfile, threading.Event()
+
+    def copy(src, dst, **kwargs):
+        if "drive" in str(dst):
+            stall.wait(60)
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.shutil, "copyfile", copy)
+    yield stall
+    stall.set()

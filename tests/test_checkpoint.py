@@ -304,19 +304,12 @@ def test_a_full_mirror_is_retried_then_reported_and_training_goes_on(tmp_path, m
 
 
 def test_a_stalled_mirror_never_holds_training_and_the_local_save_commits(
-    tmp_path, monkeypatch, caplog
+    tmp_path, stalled_drive, caplog
 ):
     """Issue 27, item 5: a Drive copy blocked in a stalled FUSE mount made the next save
     (and the end of the run) wait for ever. Now the wait is bounded, reported, and the
     mirror is skipped until the blocked copy returns."""
-    real_copy, stall = shutil.copyfile, threading.Event()
-
-    def stalled_drive(src, dst, **kwargs):
-        if "drive" in str(dst):
-            stall.wait(30)
-        return real_copy(src, dst, **kwargs)
-
-    monkeypatch.setattr(ckpt_mod.shutil, "copyfile", stalled_drive)
+    stall = stalled_drive
     mirror = tmp_path / "drive"
     manager = CheckpointManager(tmp_path / "ck", keep_last=3, mirror=mirror, mirror_timeout_s=0.3)
     try:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
-from test_trainer import ids, run
+from test_trainer import cut_and_resume_over
 
 from stages.common import remote
 from stages.common.data import ShardLoader, load_index
@@ -75,16 +74,7 @@ def test_http_shards_read_as_local_ones_and_a_run_resumes_exactly(server, tiny_s
     assert len(cached) == 5 and all(n.endswith(".tar") for n in cached)  # verified copies only
 
     # Through the trainer: cut at step 3 and resumed equals a straight run; no sample twice.
-    settings = ("toy.source=shards", f"data.path={url}", "train.max_steps=6")
-    settings += (f"data.shard_cache={tmp_path / 'toy-cache'}",)
-    code, whole = run(tmp_path / "whole", *settings, "ckpt.every_steps=3")
-    assert code == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
-    assert run(tmp_path / "cut", *settings, "train.max_steps=3")[0] == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
-    code, resumed = run(tmp_path / "cut", *settings)
-    assert code == 0
-    assert ids(resumed.seen) == ids(whole.seen)[3:]
+    whole = cut_and_resume_over(tmp_path, url)
     assert len({k for r in whole.seen for k in r["ids"]}) == 24
 
 

@@ -15,11 +15,10 @@ import boto3
 import pytest
 import s3fs
 import torch
-from accelerate.state import AcceleratorState
 from moto import server as moto_server
-from test_trainer import ids, run
+from test_trainer import cut_and_resume_over
 
-from stages.common import data, remote
+from stages.common import remote, shard_index
 from stages.common.data import ShardLoader, load_index
 from stages.common.remote import ShardUnavailable
 from stages.common.shards import ManifestError
@@ -74,12 +73,12 @@ def creds(s3, monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
     clear_s3fs_cache()
-    data._REMOTE_INDEX.clear()  # a process keeps a remote split's index: each test reads anew
+    shard_index._REMOTE_INDEX.clear()  # a process keeps a remote split's index: each test reads anew
     remote.configure(str(tmp_path / "shard-cache"), max_gb=1.0, prefetch=2)
     yield client
     remote.configure()
     clear_s3fs_cache()
-    data._REMOTE_INDEX.clear()
+    shard_index._REMOTE_INDEX.clear()
 
 
 def test_s3_shards_build_the_cache_and_a_run_resumes_on_the_exact_cursor(
@@ -110,16 +109,7 @@ def test_s3_shards_build_the_cache_and_a_run_resumes_on_the_exact_cursor(
     assert a["key"] == b["key"] and torch.equal(a["x"], b["x"])
 
     # Through the trainer: cut at step 3 and resumed equals a straight run.
-    settings = ("toy.source=shards", f"data.path={url}", "train.max_steps=6")
-    settings += (f"data.shard_cache={tmp_path / 'toy-cache'}",)
-    code, whole = run(tmp_path / "whole", *settings, "ckpt.every_steps=3")
-    assert code == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
-    assert run(tmp_path / "cut", *settings, "train.max_steps=3")[0] == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
-    code, resumed = run(tmp_path / "cut", *settings)
-    assert code == 0
-    assert ids(resumed.seen) == ids(whole.seen)[3:]
+    cut_and_resume_over(tmp_path, url)
 
 
 def test_an_s3_shard_changed_under_the_same_name_is_refused(creds, tiny_shards, tmp_path):
@@ -154,7 +144,7 @@ def test_wrong_s3_credentials_are_a_clear_error_without_the_secret(
             index.keys[5]  # a shard now: refused at once (trying again will not help)
         message = str(refused.value)
         assert "shard-000000.tar" in message and hint in message and "tries" not in message
-        data._REMOTE_INDEX.clear()
+        shard_index._REMOTE_INDEX.clear()
         with pytest.raises(ManifestError) as refused:
             load_index(f"s3://{BUCKET}/data/train")  # a split's manifest
         message += str(refused.value)

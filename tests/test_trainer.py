@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -96,6 +95,23 @@ def assert_bitwise_equal(a, b, where: str = "") -> None:
 
 def ids(records: list[dict]) -> list[list]:
     return [r["ids"] for r in records]
+
+
+def cut_and_resume_over(folder: Path, url: str) -> ToyStage:
+    """A 6-step toy run over the shards at ``url``, straight and cut at step 3 then resumed
+    by the same command: the resumed run sees exactly the straight one's samples from step
+    3 on. Returns the straight run's stage."""
+    settings = ("toy.source=shards", f"data.path={url}", "train.max_steps=6")
+    settings += (f"data.shard_cache={folder / 'toy-cache'}",)
+    code, whole = run(folder / "whole", *settings, "ckpt.every_steps=3")
+    assert code == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert run(folder / "cut", *settings, "train.max_steps=3")[0] == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    code, resumed = run(folder / "cut", *settings)
+    assert code == 0
+    assert ids(resumed.seen) == ids(whole.seen)[3:]
+    return whole
 
 
 @pytest.fixture(scope="module")
@@ -590,19 +606,10 @@ def test_a_full_disk_stops_the_run_with_its_exit_code_and_loses_nothing(
     assert_bitwise_equal(final_state(tmp_path), reference["state"])
 
 
-def test_a_stalled_mirror_does_not_hold_the_run_or_its_final_save(tmp_path, monkeypatch, caplog):
+def test_a_stalled_mirror_does_not_hold_the_run_or_its_final_save(tmp_path, stalled_drive, caplog):
     """Issue 27, item 5: every copy to the mirror blocks (a stalled Drive); the run still
     ends, on time, with its final checkpoint committed locally and the stall reported."""
-    import stages.common.checkpoint as checkpoint_module
-
-    real_copy, stall = shutil.copyfile, threading.Event()
-
-    def stalled_drive(src, dst, **kwargs):
-        if "drive" in str(dst):
-            stall.wait(60)
-        return real_copy(src, dst, **kwargs)
-
-    monkeypatch.setattr(checkpoint_module.shutil, "copyfile", stalled_drive)
+    stall = stalled_drive
     mirror = tmp_path / "drive"
     try:
         start = time.monotonic()
