@@ -14,7 +14,7 @@ from pathlib import Path
 class SplitResult:
     samples: int
     shards: int
-    skipped: Counter  # reason -> count (plan-time and decode-time together)
+    skipped: Counter  # reason -> count (plan-time and build-time together)
     groups: Counter  # source group -> samples written
 
 
