@@ -434,6 +434,115 @@ def test_several_resolutions_with_worker_processes(tmp_path):
         assert read_manifest(folder / "train").resolution == side
 
 
+def red_square(dot: bool = False, note: str = "") -> bytes:
+    """A 256 px red PNG; ``note`` changes the file, not the pixels; the black ``dot`` shows
+    at 64 px and is averaged away at 4 px."""
+    from PIL.PngImagePlugin import PngInfo
+
+    image = Image.new("RGB", (256, 256), (200, 30, 30))
+    if dot:
+        image.putpixel((100, 100), (0, 0, 0))
+    info = PngInfo()
+    info.add_text("note", note)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def make_renders(root: Path, captions: dict[str, str] | None = None) -> Path:
+    """Different files, some of them the same pixels: a source of identical renders."""
+    files = {
+        "a": (red_square(note="a"), "a red square"),
+        "b": (png((30, 30, 200)), "a blue square"),
+        "c": (red_square(note="c"), "a crimson square"),  # a's pixels, another caption
+        "d": (red_square(note="d"), "a red square"),  # a's pixels and caption
+        "e": (red_square(dot=True), "a red square with a dot"),  # a's pixels at 4 px only
+        "f": (png((30, 30, 201)), "a blue square"),
+        "g": (png((30, 30, 200), size=(20, 20)), "navy"),  # b's pixels, another caption
+    }
+    root.mkdir(exist_ok=True)
+    for name, (data, caption) in files.items():
+        (root / f"{name}.png").write_bytes(data)
+        (root / f"{name}.txt").write_text((captions or {}).get(name, caption))
+    return root
+
+
+def test_identical_renders_with_another_caption_are_skipped_per_resolution(tmp_path):
+    source = make_renders(tmp_path / "src")
+    outputs = {64: tmp_path / "x64", 4: tmp_path / "x4"}
+    cfg = config(resolutions=(64, 4), shard_size=3)
+    report = build_shards(lambda: folder_samples(source), outputs, cfg, INFO)
+    big, small = all_samples(outputs[64]), all_samples(outputs[4])
+    assert sorted(big) == ["a", "b", "d", "e", "f"]  # the first wins, the same caption stays
+    assert sorted(small) == ["a", "b", "d", "f"]  # e is a's image at 4 px
+    assert skipped(outputs[64]) == {"duplicate_render": 2}
+    assert skipped(outputs[4]) == {"duplicate_render": 3}
+    assert report.results[64]["train"].skipped == Counter(duplicate_render=2)
+    assert report.results[4]["train"].skipped == Counter(duplicate_render=3)
+    assert report.results[4]["train"].samples == 4
+    # the ledger of each resolution counts only its own skips (e sits in the second shard)
+    for side, count in ((64, 0), (4, 1)):
+        ledger = json.loads((outputs[side] / "train" / ".progress.json").read_text())
+        assert ledger["shards"]["shard-000001.tar"]["skipped"] == (
+            {"duplicate_render": count} if count else {}
+        )
+    table = report.table()
+    assert "64 px" in table and "4 px" in table and "duplicate_render" in table
+    assert big["a"]["json"]["render_sha256"] == big["d"]["json"]["render_sha256"]
+
+
+def test_a_resumed_build_dedups_renders_like_an_uninterrupted_one(tmp_path):
+    source = make_renders(tmp_path / "src")
+    cfg = config(resolutions=(64, 4), shard_size=2, val_fraction=0.2)
+
+    def build(out: Path, samples=lambda: folder_samples(source)):
+        outputs = {64: out / "x64", 4: out / "x4"}
+        return build_shards(samples, outputs, cfg, INFO), outputs
+
+    def manifests(outputs):
+        return {
+            (side, split): read_manifest(folder / split, verify=True)
+            for side, folder in outputs.items()
+            for split in ("train", "val")
+        }
+
+    _, whole = build(tmp_path / "whole")
+    assert sorted(all_samples(whole[4])) == ["a", "b", "d", "f"]
+    assert sorted(all_samples(whole[64])) == ["a", "b", "d", "e", "f"]
+    calls = []
+
+    def failing():
+        calls.append(1)
+        for i, sample in enumerate(folder_samples(source)):
+            if len(calls) == 2 and i == 4:  # second pass: [a, b] (train), [c, d] (val) done
+                raise KeyboardInterrupt
+            yield sample
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        build(out, failing)
+    # train: [a, b] [e, g], val: [c, d] [f]; c (val) repeats a, g repeats b, e repeats a at 4 px
+    assert sorted(p.name for p in (out / "x4" / "train").glob("shard-*")) == ["shard-000000.tar"]
+    assert sorted(p.name for p in (out / "x4" / "val").glob("shard-*")) == ["shard-000000.tar"]
+    resumed, outputs = build(out)
+    assert resumed.shards_reused > 0
+    assert manifests(outputs) == manifests(whole)  # the same shards, byte for byte
+
+    # a lost early shard is rebuilt, later finished ones still count: same bytes again
+    (outputs[4] / "train" / "shard-000000.tar").unlink()
+    again, _ = build(out)
+    assert again.shards_written == 1
+    assert manifests(outputs) == manifests(whole)
+
+    # an earlier sample's new caption changes what later shards keep: they are rebuilt
+    make_renders(source, {"a": "a crimson square"})
+    fresh_out = tmp_path / "fresh"
+    _, fresh = build(fresh_out)
+    build(out)
+    assert manifests(outputs) == manifests(fresh)
+    assert "c" in all_samples(fresh[4]) and "d" not in all_samples(fresh[4])
+
+
 KILLER = png((1, 2, 3), size=(13, 7))  # the one file whose decode kills its worker process
 
 
