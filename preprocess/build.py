@@ -8,17 +8,6 @@ resolution, committed atomically as soon as its last planned sample is in (``wri
 Several resolutions share one decode per sample. Manifests are written last (val before
 train, resolutions in the order given), after an outdated one has been removed before any
 of its shards is rewritten, so a manifest never lists a shard that is being replaced.
-
-Identical renders: different source files (pass one already dropped repeated bytes) can give
-the same pixels at a resolution, e.g. emoji line art that only differs in detail lost at
-32 px. A render whose pixels (``render_digest``) equal an earlier render's at the same
-resolution, in either split, but whose caption differs is skipped at that resolution
-(``duplicate_render``): the same image under contradicting captions. The first in source
-order wins. Skips are therefore counted per resolution: a shard's 32 px file can hold fewer
-samples than its 512 px one. Each sample's ``.json`` carries its ``render_sha256``; a re-run
-reads those of the finished shards first, so that a resumed build writes the same bytes as
-an uninterrupted one (and ``PlannedShard.context`` rebuilds later shards when an earlier
-sample changes).
 """
 
 from __future__ import annotations
@@ -26,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import tarfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -42,11 +30,11 @@ from stages.common.shards import ShardManifest, write_manifest
 from .image import ImageFormat, Job, JobResult, process_job, svg_render_size
 from .plan import SPLITS, Plan, PlannedShard, image_digest, make_plan, record_digest
 from .report import BuildReport, SplitResult
-from .sample import DUPLICATE_RENDER, RawSample
+from .sample import RawSample
 from .writer import ShardLedger, ShardWriter
 
 SampleSource = Callable[[], Iterable[RawSample]]  # called once per pass: must re-iterate
-PIPELINE_VERSION = 3  # bump when the shards produced for the same input change
+PIPELINE_VERSION = 2  # bump when the pixels produced for the same input change
 
 
 class SourceChangedError(RuntimeError):
@@ -95,14 +83,8 @@ class _Target:
 @dataclass
 class _ShardProgress:
     done: int = 0
-    skipped: dict[int, Counter] = field(default_factory=dict)  # resolution -> reason -> count
-    groups: dict[int, Counter] = field(default_factory=dict)  # resolution -> group -> count
-
-    def skip(self, resolution: int, reason: str) -> None:
-        self.skipped.setdefault(resolution, Counter())[reason] += 1
-
-    def keep(self, resolution: int, group: str) -> None:
-        self.groups.setdefault(resolution, Counter())[group] += 1
+    skipped: Counter = field(default_factory=Counter)
+    groups: Counter = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -130,7 +112,7 @@ def _prepare_target(
     ledger = ShardLedger(folder)
     settings = _settings_digest(resolution, config)
     fingerprints = {
-        s.index: hashlib.sha256(f"{settings}\n{s.fingerprint}\n{s.context}".encode()).hexdigest()
+        s.index: hashlib.sha256(f"{settings}\n{s.fingerprint}".encode()).hexdigest()
         for s in plan.shards[split]
     }
     todo = {
@@ -144,30 +126,6 @@ def _prepare_target(
     if todo or stale:  # the old manifest would list shards that are about to change
         (folder / "manifest.json").unlink(missing_ok=True)
     return _Target(resolution, folder, ledger, fingerprints, todo)
-
-
-def _finished_renders(
-    plan: Plan, targets: dict[tuple[int, str], _Target], resolution: int
-) -> dict[str, str]:
-    """render_sha256 -> caption over the finished shards of one resolution (both splits).
-
-    Every kept render of one digest has the caption of its first one (the others were
-    skipped), so the finished shards, built from the same source prefix (their fingerprint
-    holds ``PlannedShard.context``), say all a resumed build needs, whichever shards they are.
-    """
-    seen: dict[str, str] = {}
-    for split in SPLITS:
-        target = targets[resolution, split]
-        for shard in plan.shards[split]:
-            if shard.index in target.todo:
-                continue
-            with tarfile.open(target.folder / shard.name) as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".json"):
-                        meta = json.loads(tar.extractfile(member).read())
-                        if "render_sha256" in meta:
-                            seen.setdefault(meta["render_sha256"], meta["caption"])
-    return seen
 
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:
@@ -244,14 +202,6 @@ class _Builder:
         self.progress: dict[tuple[str, int], _ShardProgress] = {}
         self.writers: dict[tuple[int, str], ShardWriter] = {}
         self.written = 0
-        # resolution -> render_sha256 -> caption of the first render with those pixels
-        self.renders: dict[int, dict[str, str]] = {}
-
-    def seed_renders(self) -> None:
-        """Know the renders of finished shards before building any shard after them."""
-        for resolution in self.config.resolutions:
-            if any(self.targets[resolution, split].todo for split in SPLITS):
-                self.renders[resolution] = _finished_renders(self.plan, self.targets, resolution)
 
     def todo_resolutions(self, shard: PlannedShard) -> list[int]:
         return [
@@ -288,20 +238,10 @@ class _Builder:
         sample, shard = pending.sample, pending.shard
         progress = self.progress.setdefault((shard.split, shard.index), _ShardProgress())
         if result.images is None:
-            for resolution in self.todo_resolutions(shard):
-                progress.skip(resolution, result.reason)
+            progress.skipped[result.reason] += 1
         else:
             width, height = result.size
             for resolution in self.todo_resolutions(shard):
-                digest = result.digests[resolution]
-                # Only another caption makes a duplicate: the same pixels under the same
-                # caption are harmless repetition, not a contradiction, and keeping them
-                # means every kept render of a digest has its first caption, so the
-                # finished shards of an interrupted build tell all (``_finished_renders``).
-                first = self.renders.setdefault(resolution, {}).setdefault(digest, sample.caption)
-                if first != sample.caption:
-                    progress.skip(resolution, DUPLICATE_RENDER)
-                    continue
                 meta = {
                     **sample.meta,
                     "key": sample.key,
@@ -311,11 +251,10 @@ class _Builder:
                     "original_width": width,
                     "original_height": height,
                     "sha256": pending.image_sha256,
-                    "render_sha256": digest,
                 }
                 writer = self._writer(resolution, shard)
                 writer.write(sample.key, result.images[resolution], sample.caption, meta)
-                progress.keep(resolution, sample.group)
+            progress.groups[sample.group] += 1
         progress.done += 1
         if progress.done == len(shard.keys):
             self.commit(shard, progress)
@@ -327,12 +266,7 @@ class _Builder:
             del self.writers[resolution, shard.split]
             info = writer.commit()
             fingerprint = target.fingerprints[shard.index]
-            target.ledger.record(
-                info,
-                fingerprint,
-                progress.skipped.get(resolution, Counter()),
-                progress.groups.get(resolution, Counter()),
-            )
+            target.ledger.record(info, fingerprint, progress.skipped, progress.groups)
             target.todo.discard(shard.index)
             self.written += 1
 
@@ -344,8 +278,8 @@ class _Builder:
 
 def _write_manifests(
     plan: Plan, targets: dict[tuple[int, str], _Target], config: BuildConfig, info: DatasetInfo
-) -> dict[int, dict[str, SplitResult]]:
-    results: dict[int, dict[str, SplitResult]] = {}
+) -> dict[str, SplitResult]:
+    results: dict[str, SplitResult] = {}
     for resolution in config.resolutions:
         for split in ("val", "train"):  # train last: its manifest marks the set complete
             target = targets[resolution, split]
@@ -372,8 +306,7 @@ def _write_manifests(
                 },
             )
             write_manifest(target.folder, manifest)
-            split_result = SplitResult(manifest.num_samples, len(shards), skipped, groups)
-            results.setdefault(resolution, {})[split] = split_result
+            results[split] = SplitResult(manifest.num_samples, len(shards), skipped, groups)
     return results
 
 
@@ -396,7 +329,6 @@ def build_shards(
     scanned = time.perf_counter()
 
     builder = _Builder(plan, targets, config)
-    builder.seed_renders()
     total = sum(
         len(s.keys) for split in SPLITS for s in plan.shards[split] if builder.todo_resolutions(s)
     )
@@ -413,9 +345,9 @@ def build_shards(
         raise SourceChangedError(
             f"the source lost samples between the two passes (unfinished: {unfinished})"
         )
-    results = _write_manifests(plan, targets, config, info)
+    splits = _write_manifests(plan, targets, config, info)
     return BuildReport(
-        results=results,
+        splits=splits,
         outputs={r: Path(outputs[r]) for r in config.resolutions},
         image_format=config.image_format,
         shards_written=builder.written,

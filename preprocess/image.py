@@ -10,14 +10,11 @@ below ``SVG_MIN_RENDER`` px, and downsampled for the smaller ones. Against a 204
 LANCZOS-filtered to 32 px (100 emoji), a direct 32 px resvg render scores 27.8 dB PSNR,
 a 128 px render downsampled 45.6 dB, a 512 px one 57.4 dB: small sizes need supersampling.
 
-``process_job`` is the picklable unit of work the build sends to worker processes; it also
-returns ``render_digest`` of each resolution's pixels (before encoding), by which the build
-finds identical renders of different samples.
+``process_job`` is the picklable unit of work the build sends to worker processes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,27 +115,15 @@ def decode_image(data: bytes, kind: str, render_size: int) -> Image.Image:
         raise ImageDecodeError(f"cannot convert {image.mode} image to RGB: {err}") from err
 
 
-def render_digest(image: Image.Image) -> str:
-    """sha256 of the pixels (mode, size, raw bytes): equal for equal pixels whatever the
-    source's file, format or metadata (an ICC profile, say, changes the encoded PNG bytes)."""
-    header = f"{image.mode} {image.width}x{image.height}\n".encode()
-    return hashlib.sha256(header + image.tobytes()).hexdigest()
-
-
-def render_images(
-    data: bytes, kind: str, resolutions: Sequence[int]
-) -> tuple[dict[int, Image.Image], tuple[int, int]]:
-    """Square RGB images per resolution, and the decoded (width, height)."""
-    image = decode_image(data, kind, svg_render_size(resolutions))
-    return {size: resize_center_crop(image, size) for size in resolutions}, image.size
-
-
 def process_image(
     data: bytes, kind: str, resolutions: Sequence[int], image_format: ImageFormat
 ) -> tuple[dict[int, bytes], tuple[int, int]]:
     """Encoded square images per resolution, and the decoded (width, height)."""
-    images, size = render_images(data, kind, resolutions)
-    return {r: encode_image(image, image_format) for r, image in images.items()}, size
+    image = decode_image(data, kind, svg_render_size(resolutions))
+    outputs = {
+        size: encode_image(resize_center_crop(image, size), image_format) for size in resolutions
+    }
+    return outputs, image.size
 
 
 @dataclass(frozen=True)
@@ -157,7 +142,6 @@ class JobResult:
     size: tuple[int, int] | None
     reason: str | None = None
     error: str | None = None
-    digests: dict[int, str] | None = None  # resolution -> render_digest, with images
 
 
 def process_job(job: Job) -> JobResult:
@@ -166,12 +150,10 @@ def process_job(job: Job) -> JobResult:
     Any exception is the sample's: a decoder's unexpected one would otherwise abort the
     whole build, and the re-run would die on the same file."""
     try:
-        rendered, size = render_images(job.data, job.kind, job.resolutions)
-        images = {r: encode_image(image, job.image_format) for r, image in rendered.items()}
+        images, size = process_image(job.data, job.kind, job.resolutions, job.image_format)
     except ImageTooLarge as err:
         return JobResult(job.index, None, None, OVERSIZED_IMAGE, str(err))
     except Exception as err:  # ImageDecodeError, a format outside the allow-list, or any
         # other exception a decoder raises on bad bytes
         return JobResult(job.index, None, None, CORRUPT_IMAGE, f"{type(err).__name__}: {err}")
-    digests = {r: render_digest(image) for r, image in rendered.items()}
-    return JobResult(job.index, images, size, digests=digests)
+    return JobResult(job.index, images, size)

@@ -7,13 +7,6 @@ each split is cut into shards of ``shard_size`` samples in source order. Members
 therefore fixed by the source alone: an image that later fails to decode leaves its shard
 one sample short instead of shifting every later shard, so a re-run regenerates identical
 shards and can skip the finished ones (``PlannedShard.fingerprint`` identifies content).
-
-Duplicate *files* are judged here (the same image bytes: ``duplicate_image``); duplicate
-*renders* (different files that give the same pixels at one resolution) only show once the
-pixels exist and are judged in pass two (``build.py``). Whether a render is kept depends on
-every sample before it in the source, in either split, so each shard also carries
-``PlannedShard.context``: a hash chain over the image and caption of every accepted sample up
-to its last one. A change early in the source therefore rebuilds every later shard.
 """
 
 from __future__ import annotations
@@ -61,12 +54,6 @@ def record_digest(sample: RawSample) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def render_context_digest(sample: RawSample) -> str:
-    """What decides a sample's renders and whether a later identical render is a duplicate."""
-    record = [sample.kind, image_digest(sample.data or b""), sample.caption]
-    return hashlib.sha256(json.dumps(record).encode()).hexdigest()
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -77,7 +64,6 @@ class PlannedShard:
     index: int
     keys: tuple[str, ...]
     fingerprint: str  # sha256 over its samples' record digests, in order
-    context: str = ""  # hash chain over every accepted sample up to its last (both splits)
 
     @property
     def name(self) -> str:
@@ -115,16 +101,14 @@ def make_plan(samples: Iterable[RawSample], val_fraction: float, shard_size: int
     seen_keys: set[str] = set()
     seen_images: set[str] = set()
     skipped = {split: Counter() for split in SPLITS}
-    accepted: dict[str, list[tuple[str, str, str]]] = {split: [] for split in SPLITS}
-    chain = ""
+    accepted: dict[str, list[tuple[str, str]]] = {split: [] for split in SPLITS}
     for sample in tqdm(samples, desc="scan", unit=" samples", mininterval=1.0, leave=False):
         split = split_of(sample.split_key or sample.key, val_fraction)
         reason = _skip_reason(sample, seen_keys, seen_images)
         if reason is not None:
             skipped[split][reason] += 1
         else:
-            chain = hashlib.sha256(f"{chain}{render_context_digest(sample)}".encode()).hexdigest()
-            accepted[split].append((sample.key, record_digest(sample), chain))
+            accepted[split].append((sample.key, record_digest(sample)))
 
     shards: dict[str, list[PlannedShard]] = {}
     assignment: dict[str, PlannedShard] = {}
@@ -133,11 +117,10 @@ def make_plan(samples: Iterable[RawSample], val_fraction: float, shard_size: int
         shards[split] = []
         for index, start in enumerate(range(0, len(items), shard_size)):
             chunk = items[start : start + shard_size]
-            fingerprint = hashlib.sha256("".join(d for _, d, _ in chunk).encode()).hexdigest()
-            keys = tuple(k for k, _, _ in chunk)
-            shard = PlannedShard(split, index, keys, fingerprint, context=chunk[-1][2])
+            fingerprint = hashlib.sha256("".join(d for _, d in chunk).encode()).hexdigest()
+            shard = PlannedShard(split, index, tuple(k for k, _ in chunk), fingerprint)
             shards[split].append(shard)
-            for key, digest, _ in chunk:
+            for key, digest in chunk:
                 assignment[key] = shard
                 records[key] = digest
     return Plan(shards, assignment, records, skipped)

@@ -23,9 +23,6 @@ MISSING_CAPTION = "missing_caption"  # no caption sidecar, field or column
 EMPTY_CAPTION = "empty_caption"  # a caption made only of whitespace
 DUPLICATE_KEY = "duplicate_key"  # a key seen earlier in the same source
 DUPLICATE_IMAGE = "duplicate_image"  # the same image bytes seen earlier under another key
-# the same pixels at one resolution as an earlier sample's render with another caption
-# (judged per resolution: emoji line art that differs at 512 px can be one image at 32 px)
-DUPLICATE_RENDER = "duplicate_render"
 BAD_RECORD = "bad_record"  # a manifest line / row / tar member that cannot be parsed
 OVERSIZED_MEMBER = "oversized_member"  # a tar member over MAX_MEMBER_BYTES: never read
 

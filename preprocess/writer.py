@@ -74,7 +74,7 @@ class LedgerEntry:
     fingerprint: str
     samples: int
     sha256: str
-    skipped: dict[str, int] = field(default_factory=dict)  # build-time skips, this resolution
+    skipped: dict[str, int] = field(default_factory=dict)  # decode-time skips in this shard
     groups: dict[str, int] = field(default_factory=dict)  # samples per source group
 
 
