@@ -12,18 +12,17 @@ of the build (and a re-run) select the same samples.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 from pathlib import Path
+
+from stages.common.concepts import caption_words
 
 from .sample import RawSample
 from .sources import wds_samples
 
-WORD = re.compile(r"[a-z][a-z'\-]+")
-
 
 def _has_word(caption: str | None, words: frozenset[str]) -> bool:
-    return bool(caption) and not words.isdisjoint(WORD.findall(caption.lower()))
+    return bool(caption) and not words.isdisjoint(caption_words(caption))
 
 
 def _draw(key: str, seed: int) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stages.common.balance import BalanceConfig, concept_weights, name_concepts
+from stages.common.balance import BalanceConfig, concept_weights, name_concepts, name_words
 
 
 def _data():
@@ -32,7 +32,7 @@ def _data():
 def test_concepts_are_name_words_frequent_enough_whose_images_look_alike():
     captions, features = _data()
     cfg = BalanceConfig(enabled=True, cap=6, min_count=5, max_share=0.9, min_look_auc=0.8)
-    concepts = name_concepts(captions, features, cfg)
+    concepts = name_concepts(name_words(captions), features, cfg)
     # "tag" and "style" are not in the names; "thing" names no shared look; one-offs are rare
     assert set(concepts) == {"person", "red", "circle"}
     assert concepts["person"][0] == 60 and concepts["circle"][0] == 6

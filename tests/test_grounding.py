@@ -28,7 +28,8 @@ def test_caption_words_drop_stopwords_and_frequent_words_drop_tags_and_style():
         "green; emoji",
     ]
     # "emoji" is in every caption (over max_share), "once" in one (under min_count)
-    assert frequent_words(captions, top=10, min_count=2, max_share=0.95) == ["red", "thing"]
+    word_sets = [caption_words(c) for c in captions]
+    assert frequent_words(word_sets, top=10, min_count=2, max_share=0.95) == ["red", "thing"]
 
 
 def _data(n: int = 60, dim: int = 16, seed: int = 0):

@@ -46,11 +46,13 @@ class GroundingConfig:
     max_share: float = 0.5  # nor one in more than this share of them (a style suffix)
 
 
-def frequent_words(captions: list[str], top: int, min_count: int, max_share: float) -> list[str]:
-    """The ``top`` words by caption count, each in at least ``min_count`` captions and at most
-    ``max_share`` of them."""
-    counts = Counter(w for c in captions for w in caption_words(c))
-    limit = max_share * len(captions)
+def frequent_words(
+    word_sets: list[set[str]], top: int, min_count: int, max_share: float
+) -> list[str]:
+    """The ``top`` words by caption count (``word_sets``: each caption's ``caption_words``),
+    each in at least ``min_count`` captions and at most ``max_share`` of them."""
+    counts = Counter(w for words in word_sets for w in words)
+    limit = max_share * len(word_sets)
     # by count, then alphabetically: the same words whatever the set iteration order
     ranked = [w for w, n in sorted(counts.items(), key=lambda wn: (-wn[1], wn[0]))]
     ranked = [w for w in ranked if min_count <= counts[w] <= limit]
@@ -65,8 +67,8 @@ def grounding_report(
 ) -> dict[str, Any]:
     """The report for images ``image_emb`` (N, E) and their ``captions`` (N)."""
     images = F.normalize(image_emb.float(), dim=-1)
-    words = frequent_words(captions, cfg.words, cfg.min_count, cfg.max_share)
     word_sets = [caption_words(c) for c in captions]
+    words = frequent_words(word_sets, cfg.words, cfg.min_count, cfg.max_share)
     text = F.normalize(embed_texts(words).float(), dim=-1) if words else torch.empty(0)
     rows = []
     for j, word in enumerate(words):

@@ -48,13 +48,18 @@ class BalanceConfig:
             raise ValueError("balance: cap and min_count must be >= 1, max_share in (0, 1]")
 
 
+def name_words(captions: list[str]) -> list[set[str]]:
+    """The content words of each caption's name (``captions.short_name``)."""
+    return [caption_words(short_name(c)) for c in captions]
+
+
 def name_concepts(
-    captions: list[str], features: torch.Tensor, cfg: BalanceConfig
+    names: list[set[str]], features: torch.Tensor, cfg: BalanceConfig
 ) -> dict[str, tuple[int, float]]:
-    """word -> (captions whose name has it, look AUC), for the words that are concepts."""
-    names = [caption_words(short_name(c)) for c in captions]
+    """word -> (captions whose name has it, look AUC), for the words that are concepts;
+    ``names`` each caption's ``name_words``."""
     counts = Counter(w for words in names for w in words)
-    limit = cfg.max_share * len(captions)
+    limit = cfg.max_share * len(names)
     out = {}
     for word in sorted(counts):
         n = counts[word]
@@ -72,8 +77,8 @@ def concept_weights(
     """Per-sample weights (N,) float64 for ``captions`` and their unit-norm image
     ``features`` (N, E), and a report of what they change."""
     cfg.check()
-    concepts = name_concepts(captions, features, cfg)
-    names = [caption_words(short_name(c)) for c in captions]
+    names = name_words(captions)
+    concepts = name_concepts(names, features, cfg)
     rarest = [
         min((w for w in words if w in concepts), key=lambda w: (concepts[w][0], w), default=None)
         for words in names
